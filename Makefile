@@ -1,0 +1,175 @@
+# lora-ship: merge a LoRA fine-tune into its Llama-family base, quantize it to GGUF, serve it over HTTP.
+# `make` runs everything; `make help` lists the targets and variables. Every variable can be overridden:
+#   make BASE_MODEL=meta-llama/Llama-2-7b-hf QUANT=Q4_K_M PORT=9000
+SHELL := /bin/bash
+.DELETE_ON_ERROR:
+.DEFAULT_GOAL := all
+
+# ---- variables (override on the command line) ----
+BASE_MODEL       ?= smollm2
+CHECKPOINTS_DIR  ?= quantization/checkpoints
+CHECKPOINT       ?=
+DATASET          ?= data/grimm_stories.jsonl
+QUANT            ?= q8_0
+MERGE_METHOD     ?= streaming
+HOST             ?= 127.0.0.1
+PORT             ?= 8080
+API_KEY          ?=
+ALLOW_NO_KEY     ?=
+ENGINE           ?= auto
+GPU_LAYERS       ?= auto
+CTX_SIZE         ?= 0
+PARALLEL         ?= 0
+SERVER_ARGS      ?=
+PROMPT           ?= Tell me a fairy tale
+OUT              ?= out
+VENV             ?= .venv
+PYTHON           ?= python3
+TORCH_SPEC       ?= torch==2.13.0
+LLAMA_CPP_COMMIT ?= 0c1e57098
+LLAMA_CPP_REPO   ?= https://github.com/ggml-org/llama.cpp
+LLAMA_BACKEND    ?= auto
+LLAMAFILE_VERSION ?= 0.9.3
+LLAMAFILE_SHA256 ?=
+DEMO_STEPS       ?= 20
+TRAIN_STEPS      ?= 30
+RUN_NAME         ?= grimm-lora
+PYTEST_ARGS      ?=
+
+HELP_VARS := BASE_MODEL CHECKPOINTS_DIR CHECKPOINT DATASET QUANT MERGE_METHOD HOST PORT API_KEY ALLOW_NO_KEY ENGINE \
+  GPU_LAYERS CTX_SIZE PARALLEL SERVER_ARGS PROMPT OUT VENV TORCH_SPEC LLAMA_CPP_COMMIT LLAMA_CPP_REPO LLAMA_BACKEND \
+  LLAMAFILE_VERSION LLAMAFILE_SHA256 DEMO_STEPS TRAIN_STEPS RUN_NAME
+
+# ---- derived paths ----
+PY        := $(VENV)/bin/python
+STAMP     := $(VENV)/.installed-stamp
+LLAMA_CPP := vendor/llama.cpp
+LLAMA_BIN := $(LLAMA_CPP)/build/bin
+LLAMA_SRC := $(LLAMA_CPP)/.lora-ship-source
+LLAMAFILE := vendor/llamafile/bin/llamafile
+MERGED    := $(OUT)/merged
+GGUF      := $(OUT)/model.$(QUANT).gguf
+PID_FILE  := $(OUT)/server.pid
+DEMO_CKPT := $(OUT)/demo-checkpoint
+
+ifeq ($(BASE_MODEL),smollm2)
+  BASE_DIR := $(OUT)/base/smollm2
+else ifneq ($(wildcard $(BASE_MODEL)/config.json),)
+  BASE_DIR := $(BASE_MODEL)
+else
+  BASE_DIR := $(OUT)/base/$(subst /,--,$(BASE_MODEL))
+endif
+
+# The user's checkpoints; with none and the embedded base, a small demo adapter is trained instead.
+USER_CHECKPOINTS := $(filter-out %README.md,$(wildcard $(CHECKPOINTS_DIR)/*))
+CHECKPOINT_FILES := $(wildcard $(CHECKPOINTS_DIR)/*/adapter_* $(CHECKPOINTS_DIR)/*/*/adapter_* \
+                      $(CHECKPOINT)/adapter_* $(CHECKPOINTS_DIR)/$(CHECKPOINT)/adapter_*)
+ifeq ($(strip $(USER_CHECKPOINTS)$(CHECKPOINT)),)
+  ifeq ($(BASE_MODEL),smollm2)
+    CHECKPOINT_FILES := $(DEMO_CKPT)/adapter_config.json
+    FALLBACK_ARG := --fallback $(DEMO_CKPT)
+  endif
+endif
+MERGE_INPUTS := $(BASE_DIR) $(CHECKPOINT) $(MERGE_METHOD) $(sort $(USER_CHECKPOINTS)) $(FALLBACK_ARG)
+
+.PHONY: all help install vendor llamafile base merge quantize serve serve-bg stop chat train test clean \
+        clean-vendor FORCE run-install-python-dependencies run-download-llamafile run-clone-repositories \
+        run-merge-models run-quantize-llama-model
+
+all: install vendor llamafile base merge quantize serve-bg ## the whole pipeline: install, build, merge, quantize, serve in the background
+
+help: ## list targets and variables
+	@echo "Targets:"
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-34s %s\n", $$1, $$2}'
+	@echo "Variables (current value):"
+	@$(foreach v,$(HELP_VARS),printf "  %-18s %s\n" '$(v)' '$($(v))';)
+
+export PROMPT API_KEY
+
+# ---- install ----
+install: $(STAMP) ## create .venv and install requirements.local.txt (torch pinned first)
+run-install-python-dependencies: install ## alias of install (seed name)
+
+# torch first and pinned: an unpinned torch (or one pulled in by another package) is a multi-GB CUDA build
+$(STAMP): requirements.local.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q "$(TORCH_SPEC)"
+	$(PY) -m pip install --disable-pip-version-check -q -r requirements.local.txt
+	@touch $@
+
+# ---- vendor tools ----
+vendor: $(LLAMA_BIN)/llama-server ## fetch llama.cpp at LLAMA_CPP_COMMIT and build server, quantize, perplexity; clone llamafile's source
+	@$(PYTHON) scripts/fetch_llamafile.py --version $(LLAMAFILE_VERSION) --sha256 "$(LLAMAFILE_SHA256)" --source-only
+run-clone-repositories: vendor ## alias of vendor (seed name)
+
+$(LLAMA_SRC):
+	$(PYTHON) scripts/vendor_llama_cpp.py fetch --commit $(LLAMA_CPP_COMMIT) --repo $(LLAMA_CPP_REPO) --log $(OUT)/logs/llama.cpp.log
+
+$(LLAMA_BIN)/llama-server: $(LLAMA_SRC)
+	$(PYTHON) scripts/vendor_llama_cpp.py build --backend $(LLAMA_BACKEND) --log $(OUT)/logs/llama.cpp.log
+
+llamafile: ## download the pinned llamafile binary (sha256-checked); offline, serving falls back to llama-server
+	@$(PYTHON) scripts/fetch_llamafile.py --version $(LLAMAFILE_VERSION) --sha256 "$(LLAMAFILE_SHA256)" --binary-only
+run-download-llamafile: llamafile ## alias of llamafile (seed name)
+
+# ---- model ----
+base: $(BASE_DIR)/config.json ## the base model as a Hugging Face folder (BASE_MODEL: smollm2, a folder, or a hub id)
+
+$(BASE_DIR)/config.json: | $(STAMP)
+	$(PY) scripts/prepare_base.py --base-model "$(BASE_MODEL)" --out $(BASE_DIR) --cache $(OUT)/cache
+
+$(DEMO_CKPT)/adapter_config.json: $(BASE_DIR)/config.json $(DATASET) | $(STAMP)
+	@echo ">>> No checkpoint in $(CHECKPOINTS_DIR)/: training a small demo LoRA adapter on the Grimm tales"
+	@echo ">>> ($(DEMO_STEPS) steps, about 2 minutes on 2 cores). To merge your own, copy its folder"
+	@echo ">>> (adapter_config.json + adapter_model.safetensors) into $(CHECKPOINTS_DIR)/ and run make again."
+	$(PY) scripts/train_lora.py --base $(BASE_DIR) --dataset $(DATASET) --out $(DEMO_CKPT) --steps $(DEMO_STEPS)
+
+train: $(BASE_DIR)/config.json | $(STAMP) ## fine-tune a LoRA on DATASET into CHECKPOINTS_DIR/RUN_NAME (TRAIN_STEPS steps)
+	$(PY) scripts/train_lora.py --base $(BASE_DIR) --dataset $(DATASET) --out $(CHECKPOINTS_DIR)/$(RUN_NAME) --steps $(TRAIN_STEPS)
+
+$(OUT)/.merge-inputs: FORCE
+	@mkdir -p $(@D); echo '$(MERGE_INPUTS)' | cmp -s - $@ || echo '$(MERGE_INPUTS)' > $@
+
+merge: $(MERGED)/config.json ## merge the checkpoint in CHECKPOINTS_DIR (or CHECKPOINT=) into the base
+run-merge-models: merge ## alias of merge (seed name)
+
+$(MERGED)/config.json: $(BASE_DIR)/config.json $(CHECKPOINT_FILES) $(OUT)/.merge-inputs | $(STAMP)
+	$(PY) scripts/merge_lora.py --base $(BASE_DIR) --checkpoints-dir $(CHECKPOINTS_DIR) \
+	  $(if $(CHECKPOINT),--checkpoint "$(CHECKPOINT)") $(FALLBACK_ARG) --method $(MERGE_METHOD) --out $(MERGED)
+
+quantize: $(GGUF) ## convert the merged model to GGUF (QUANT: q8_0, f16, bf16, Q4_K_M, ...)
+run-quantize-llama-model: quantize ## alias of quantize (seed name)
+
+$(GGUF): $(MERGED)/config.json | $(LLAMA_BIN)/llama-server $(STAMP)
+	$(PY) scripts/convert_gguf.py --model $(MERGED) --quant $(QUANT) --out $@ --llama-cpp $(LLAMA_CPP) \
+	  --log $(OUT)/logs/convert.log
+
+# ---- serving ----
+SERVE_ARGS = --model $(GGUF) --host $(HOST) --port $(PORT) --engine $(ENGINE) --gpu-layers $(GPU_LAYERS) \
+  --ctx-size $(CTX_SIZE) --parallel $(PARALLEL) --pid-file $(PID_FILE) --log $(OUT)/logs/server.log \
+  --llamafile $(LLAMAFILE) --llama-server $(LLAMA_BIN)/llama-server $(if $(ALLOW_NO_KEY),--allow-no-key) \
+  $(if $(SERVER_ARGS),--extra-args "$(SERVER_ARGS)")
+
+serve: $(GGUF) | $(LLAMA_BIN)/llama-server ## serve the GGUF on HOST:PORT in the foreground (Ctrl-C stops)
+	$(PYTHON) scripts/serve.py start $(SERVE_ARGS)
+
+serve-bg: $(GGUF) | $(LLAMA_BIN)/llama-server ## serve in the background (pid in out/server.pid); `make stop` ends it
+	$(PYTHON) scripts/serve.py start --background $(SERVE_ARGS)
+
+stop: ## stop the background server
+	@$(PYTHON) scripts/serve.py stop --pid-file $(PID_FILE)
+
+chat: ## send PROMPT to the running server and stream the answer
+	@$(PYTHON) scripts/chat.py --url http://$(HOST):$(PORT)
+
+# ---- checks and housekeeping ----
+test: $(STAMP) $(LLAMA_BIN)/llama-server ## run the test suite (tests/)
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+clean: stop ## remove out/ (models, GGUF files, logs); keeps vendor/ and your checkpoints
+	rm -rf $(OUT)
+
+clean-vendor: ## remove vendor/ (the llama.cpp build cache in ~/.cache/lora-ship stays)
+	rm -rf vendor
+
+FORCE:

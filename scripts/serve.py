@@ -1,0 +1,241 @@
+#!/usr/bin/env python3
+"""Serve a GGUF model over HTTP with llamafile, or llama.cpp's llama-server where no llamafile is at hand.
+
+Both speak the same API: OpenAI-style /v1/chat/completions, llama.cpp's /completion, and /health.
+  serve.py start --model m.gguf            foreground; Ctrl-C stops it
+  serve.py start --model m.gguf --background --pid-file out/server.pid
+  serve.py stop --pid-file out/server.pid
+Binds 127.0.0.1 by default; any other address needs --api-key (or --allow-no-key, at your own risk),
+because the server would otherwise answer anyone who can reach the machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, UserError, log, run_main  # noqa: E402
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def port_in_use(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def read_pid(pid_file: Path) -> dict | None:
+    """The pid file's record ({pid, host, port, model, model_mtime}) if that process is still alive."""
+    try:
+        info = json.loads(pid_file.read_text())
+        os.kill(int(info["pid"]), 0)
+        return info
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_pid(pid_file: Path, pid: int, args) -> None:
+    pid_file.parent.mkdir(parents=True, exist_ok=True)
+    pid_file.write_text(json.dumps({"pid": pid, "host": args.host, "port": args.port, "model": str(
+        Path(args.model).resolve()), "model_mtime": Path(args.model).stat().st_mtime}) + "\n")
+
+
+def has_gpu() -> bool:
+    try:
+        r = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+        return r.returncode == 0 and "GPU" in r.stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def pick_engine(engine: str, llamafile: Path, llama_server: Path) -> tuple[str, Path]:
+    usable_llamafile = llamafile.exists() and os.access(llamafile, os.X_OK)
+    if engine == "llamafile" or (engine == "auto" and usable_llamafile):
+        if not usable_llamafile:
+            raise UserError(f"no llamafile binary at {llamafile}: run 'make llamafile' or use ENGINE=llama-server")
+        return "llamafile", llamafile
+    if not llama_server.exists():
+        raise UserError(f"no llama-server at {llama_server}: run 'make vendor' first")
+    return "llama-server", llama_server
+
+
+def server_command(args, engine: str, binary: Path) -> list[str]:
+    cmd = [str(binary)]
+    if engine == "llamafile":
+        cmd += ["--server", "--nobrowser"]
+    cmd += ["-m", str(args.model), "--host", args.host, "--port", str(args.port), "--alias", args.alias]
+    gpu_layers = args.gpu_layers
+    if gpu_layers == "auto":
+        cuda_build = engine == "llamafile" or any((binary.parent).glob("libggml-cuda*"))
+        gpu_layers = "999" if cuda_build and has_gpu() else "0"
+    cmd += ["-ngl", gpu_layers]
+    if args.ctx_size:
+        cmd += ["-c", str(args.ctx_size)]
+    if args.parallel:
+        cmd += ["-np", str(args.parallel)]
+    if args.api_key:
+        cmd += ["--api-key", args.api_key]
+    return cmd + shlex.split(args.extra_args)
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, timeout: float, logpath: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            show_tail(logpath)
+            raise UserError(f"the server exited with code {proc.returncode} before it was ready (log: {logpath})")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200 and json.loads(r.read() or b"{}").get("status", "ok") == "ok":
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
+            pass
+        time.sleep(0.25)
+    proc.terminate()
+    show_tail(logpath)
+    raise UserError(f"the server did not become healthy within {timeout:.0f} s (log: {logpath})")
+
+
+def show_tail(logpath: Path, n: int = 15) -> None:
+    try:
+        lines = logpath.read_text(errors="replace").splitlines()[-n:]
+    except OSError:
+        return
+    print("--- last lines of the server log ---\n" + "\n".join(lines) + "\n---", file=sys.stderr)
+
+
+def print_usage(url: str, api_key: str | None) -> None:
+    auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""
+    print(f"""
+Server ready at {url}. Try:
+  curl -s {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' \\
+       -d '{{"messages":[{{"role":"user","content":"Tell me a fairy tale"}}],"max_tokens":200}}'
+  curl -s {url}/completion{auth} -d '{{"prompt":"Once upon a time","n_predict":64}}'
+  curl -s {url}/health
+""", flush=True)
+
+
+def start(args) -> None:
+    if not Path(args.model).exists():
+        raise UserError(f"model file {args.model} does not exist (run 'make quantize')")
+    if args.host not in LOOPBACK and not args.api_key and not args.allow_no_key:
+        raise UserError(f"refusing to bind {args.host} without an API key: set API_KEY=... "
+                        f"(or ALLOW_NO_KEY=1 to serve without one)")
+    if args.pid_file and (running := read_pid(args.pid_file)):
+        same = (running["model"] == str(Path(args.model).resolve()) and running["port"] == args.port
+                and running["host"] == args.host and running["model_mtime"] == Path(args.model).stat().st_mtime)
+        if same and args.background:
+            log(f"already serving {args.model} on {args.host}:{args.port} (pid {running['pid']})")
+            return
+        if not args.background:
+            raise UserError(f"a server is already running (pid {running['pid']}, {args.pid_file}); 'make stop' first")
+        log(f"restarting the server (pid {running['pid']}) to serve {args.model}")
+        stop(args)
+    if port_in_use(args.host, args.port):
+        raise UserError(f"port {args.port} on {args.host} is already in use; stop what uses it or choose PORT=...")
+    engine, binary = pick_engine(args.engine, args.llamafile, args.llama_server)
+    cmd = server_command(args, engine, binary)
+    args.log.parent.mkdir(parents=True, exist_ok=True)
+    log(f"starting {engine} on {args.host}:{args.port} (log: {args.log})")
+    with open(args.log, "ab") as logf:
+        logf.write(("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n").encode())
+        logf.flush()
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=args.background)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    url = f"http://{host}:{args.port}"
+    try:
+        wait_healthy(proc, url, args.timeout, args.log)
+    except BaseException:
+        if proc.poll() is None:
+            proc.kill()
+        raise
+    if args.background:
+        if args.pid_file:
+            write_pid(args.pid_file, proc.pid, args)
+        print_usage(url, args.api_key)
+        log(f"running in the background (pid {proc.pid}); stop it with 'make stop'")
+        return
+    print_usage(url, args.api_key)
+    log("serving in the foreground; press Ctrl-C to stop")
+    if args.pid_file:
+        write_pid(args.pid_file, proc.pid, args)
+    signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
+    try:
+        proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait(timeout=15)
+    finally:
+        if args.pid_file:
+            args.pid_file.unlink(missing_ok=True)
+
+
+def stop(args) -> None:
+    running = read_pid(args.pid_file) if args.pid_file else None
+    if running is None:
+        if args.pid_file:
+            args.pid_file.unlink(missing_ok=True)
+        log("no server running")
+        return
+    pid = int(running["pid"])
+    os.kill(pid, signal.SIGTERM)
+    for _ in range(100):
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, signal.SIGKILL)
+    args.pid_file.unlink(missing_ok=True)
+    log(f"stopped the server (pid {pid})")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", choices=["start", "stop"])
+    p.add_argument("--model", type=Path, help="GGUF file to serve")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--background", action="store_true", help="return once healthy, leaving the server running")
+    p.add_argument("--pid-file", type=Path, default=None)
+    p.add_argument("--log", type=Path, default=ROOT / "out" / "logs" / "server.log")
+    p.add_argument("--engine", choices=["auto", "llamafile", "llama-server"], default="auto")
+    p.add_argument("--llamafile", type=Path, default=ROOT / "vendor" / "llamafile" / "bin" / "llamafile")
+    p.add_argument("--llama-server", type=Path, default=ROOT / "vendor" / "llama.cpp" / "build" / "bin" / "llama-server")
+    p.add_argument("--gpu-layers", default="auto", help="layers to offload (auto: all when a GPU is present)")
+    p.add_argument("--ctx-size", type=int, default=0, help="context size (default: the engine's)")
+    p.add_argument("--parallel", type=int, default=0, help="parallel slots (default: the engine's)")
+    p.add_argument("--alias", default="lora-ship", help="model name reported by the API")
+    p.add_argument("--api-key", default=os.environ.get("API_KEY") or None)
+    p.add_argument("--allow-no-key", action="store_true", help="allow a non-loopback host without an API key")
+    p.add_argument("--timeout", type=float, default=120, help="seconds to wait for /health")
+    p.add_argument("--extra-args", default="", help="more flags for the server, as one string")
+    args = p.parse_args()
+    if args.action == "start":
+        if not args.model:
+            raise UserError("start needs --model")
+        start(args)
+    else:
+        stop(args)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,177 @@
+"""Lazy reading and streaming writing of safetensors checkpoints, one tensor in memory at a time.
+
+Reading goes through safetensors' mmap-backed `safe_open`; writing lays out the header first (all shapes
+and dtypes are known before any data is computed) and then appends each tensor's bytes as it is produced,
+so a merge never holds the whole model in memory.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from common import UserError
+
+DTYPE_TO_ST = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+               torch.uint8: "U8", torch.bool: "BOOL"}
+ST_TO_DTYPE = {v: k for k, v in DTYPE_TO_ST.items()}
+
+
+class CheckpointReader:
+    """All tensors of a (possibly sharded) safetensors model folder, read lazily by name."""
+
+    def __init__(self, folder: Path):
+        folder = Path(folder)
+        index = folder / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        elif (folder / "model.safetensors").exists():
+            files = ["model.safetensors"]
+        else:
+            found = sorted(p.name for p in folder.glob("*.safetensors"))
+            if not found:
+                bins = sorted(p.name for p in folder.glob("pytorch_model*.bin"))
+                hint = " (it has PyTorch .bin weights: re-save them as safetensors)" if bins else ""
+                raise UserError(f"no safetensors weights in {folder}{hint}")
+            files = found
+        self.folder = folder
+        self._where: dict[str, str] = {}
+        self._meta: dict[str, tuple[str, list[int]]] = {}
+        self._handles = {}
+        for name in files:
+            header = read_header(folder / name)
+            for key, info in header.items():
+                if key == "__metadata__":
+                    continue
+                self._where[key] = name
+                self._meta[key] = (info["dtype"], info["shape"])
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def shape(self, key: str) -> list[int]:
+        return self._meta[key][1]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return ST_TO_DTYPE[self._meta[key][0]]
+
+    def get(self, key: str) -> torch.Tensor:
+        name = self._where[key]
+        if name not in self._handles:
+            self._handles[name] = safe_open(str(self.folder / name), framework="pt")
+        return self._handles[name].get_tensor(key)
+
+
+def read_header(path: Path) -> dict:
+    """Parse a safetensors header, turning any corruption into one clear UserError."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise ValueError("file shorter than its 8-byte header length")
+            (n,) = struct.unpack("<Q", raw)
+            size = path.stat().st_size
+            if n > size - 8 or n > 100 << 20:
+                raise ValueError(f"header length {n} does not fit a {size}-byte file")
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + n + end > size:
+            raise ValueError(f"tensor data ends at byte {8 + n + end} but the file has {size}")
+        return header
+    except (ValueError, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"corrupt safetensors file {path}: {e}") from None
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Load a small file (an adapter) whole, after checking its header."""
+    read_header(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as e:
+        raise UserError(f"corrupt safetensors file {path}: {e}") from None
+
+
+class ShardedWriter:
+    """Writes tensors in a planned order into safetensors shards of at most `max_shard_bytes`.
+
+    `plan` is [(name, dtype, shape)] in write order; `write(name, tensor)` must follow that order.
+    """
+
+    def __init__(self, folder: Path, plan: list[tuple[str, torch.dtype, list[int]]],
+                 max_shard_bytes: int = 5 << 30, metadata: dict | None = None):
+        self.folder = Path(folder)
+        self.plan = plan
+        shards: list[list[tuple[str, torch.dtype, list[int]]]] = [[]]
+        size = 0
+        for entry in plan:
+            nbytes = tensor_bytes(entry[1], entry[2])
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(entry)
+            size += nbytes
+        n = len(shards)
+        self.files = ["model.safetensors"] if n == 1 else [
+            f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self._shards = shards
+        self._metadata = {"format": "pt", **(metadata or {})}
+        self._queue: Iterator[tuple[int, str, torch.dtype, list[int]]] = iter(
+            [(i, *entry) for i, shard in enumerate(shards) for entry in shard])
+        self._current = -1
+        self._fh = None
+        self.total_bytes = sum(tensor_bytes(d, s) for _, d, s in plan)
+
+    def _open(self, i: int) -> None:
+        if self._fh:
+            self._fh.close()
+        header: dict = {"__metadata__": self._metadata}
+        offset = 0
+        for name, dtype, shape in self._shards[i]:
+            nbytes = tensor_bytes(dtype, shape)
+            header[name] = {"dtype": DTYPE_TO_ST[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned, as safetensors does
+        self._fh = open(self.folder / self.files[i], "wb")
+        self._fh.write(struct.pack("<Q", len(raw)))
+        self._fh.write(raw)
+        self._current = i
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        shard, expected, dtype, shape = next(self._queue)
+        if name != expected:
+            raise RuntimeError(f"writer expected {expected}, got {name}")
+        if shard != self._current:
+            self._open(shard)
+        if tensor.dtype != dtype or list(tensor.shape) != list(shape):
+            raise RuntimeError(f"{name}: planned {dtype}{list(shape)}, got {tensor.dtype}{list(tensor.shape)}")
+        self._fh.write(tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+
+    def close(self) -> None:
+        if self._fh:
+            self._fh.close()
+            self._fh = None
+        if len(self.files) > 1:
+            index = {"metadata": {"total_size": self.total_bytes},
+                     "weight_map": {name: self.files[i] for i, shard in enumerate(self._shards)
+                                    for name, _, _ in shard}}
+            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def tensor_bytes(dtype: torch.dtype, shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n * torch.empty((), dtype=dtype).element_size()

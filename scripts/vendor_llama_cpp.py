@@ -1,0 +1,219 @@
+#!/usr/bin/env python3
+"""Fetch llama.cpp at a pinned commit into vendor/llama.cpp and build its tools (stdlib only).
+
+Source: a git clone of the llama.cpp repository at the pinned commit; where GitHub cannot be reached,
+the same commit's tree as vendored by the PyPI sdist of llama-cpp-python (checked against a pinned sha256),
+so a machine with only a PyPI mirror still builds the very same source.
+
+Build: llama-server, llama-quantize and llama-perplexity with CMake: CUDA when nvcc and an NVIDIA GPU are\nfound (or --backend cuda), else CPU.
+The build folder lives in a cache keyed by commit and backend (vendor/llama.cpp/build links to it), so a
+fresh clone of this project on the same machine reuses an earlier build instead of compiling again.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, UserError, log, run_main  # noqa: E402
+
+DEFAULT_COMMIT = "0c1e57098"
+DEFAULT_REPO = "https://github.com/ggml-org/llama.cpp"
+SDIST = "llama-cpp-python==0.3.36"
+SDIST_FILE = "llama_cpp_python-0.3.36.tar.gz"
+SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+SDIST_TREE = "llama_cpp_python-0.3.36/vendor/llama.cpp/"
+TOOLS = ("llama-server", "llama-quantize", "llama-perplexity")
+MARKER = ".lora-ship-source"
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("LORA_SHIP_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lora-ship")
+    return Path(base)
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def clone_from_git(repo: str, commit: str, dest: Path, logf) -> bool:
+    env = dict(os.environ, GIT_TERMINAL_PROMPT="0")
+    steps = [
+        ["git", "clone", "--quiet", "--filter=blob:none", "--no-checkout", repo, str(dest)],
+        ["git", "-C", str(dest), "checkout", "--quiet", commit],
+    ]
+    for cmd in steps:
+        try:
+            r = subprocess.run(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, timeout=900)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            print(f"{cmd[:3]}: {e}", file=logf)
+            return False
+        if r.returncode != 0:
+            return False
+    return True
+
+
+def extract_from_sdist(dest: Path, logf) -> None:
+    """Unpack llama.cpp's tree from the llama-cpp-python sdist (downloaded once into the cache)."""
+    cache = cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    sdist = cache / SDIST_FILE
+    if not sdist.exists() or sha256_of(sdist) != SDIST_SHA256:
+        log(f"downloading the {SDIST} sdist from PyPI (about 75 MB) ...")
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            r = subprocess.run(
+                [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                 "--disable-pip-version-check", "-d", tmp, SDIST],
+                stdout=logf, stderr=subprocess.STDOUT)
+            got = Path(tmp) / SDIST_FILE
+            if r.returncode != 0 or not got.exists():
+                raise UserError(f"could not fetch llama.cpp: GitHub unreachable and 'pip download {SDIST}' failed "
+                                f"(log: {logf.name})")
+            digest = sha256_of(got)
+            if digest != SDIST_SHA256:
+                raise UserError(f"sha256 mismatch for {SDIST_FILE}: got {digest}, pinned {SDIST_SHA256}")
+            got.replace(sdist)
+    with tarfile.open(sdist, "r:gz") as tar:
+        members = []
+        for m in tar.getmembers():
+            if m.name.startswith(SDIST_TREE) and len(m.name) > len(SDIST_TREE):
+                m.name = m.name[len(SDIST_TREE):]
+                members.append(m)
+        tar.extractall(dest, members=members, filter="data")
+
+
+def fetch(args) -> None:
+    dest = Path(args.dest)
+    marker = dest / MARKER
+    if marker.exists() and marker.read_text().split()[0] == args.commit:
+        log(f"llama.cpp {args.commit} already in {dest} ({marker.read_text().split()[1]})")
+        return
+    if dest.exists():
+        raise UserError(f"{dest} exists but is not llama.cpp {args.commit} from this tool; remove it first "
+                        f"(or run 'make clean-vendor')")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    logpath = Path(args.log)
+    logpath.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".llama.cpp.tmp-", dir=dest.parent))
+    try:
+        with open(logpath, "a") as logf:
+            log(f"cloning llama.cpp {args.commit} from {args.repo} ...")
+            if clone_from_git(args.repo, args.commit, tmp / "src", logf):
+                origin = "git"
+            else:
+                shutil.rmtree(tmp / "src", ignore_errors=True)
+                if args.commit != DEFAULT_COMMIT:
+                    raise UserError(f"could not clone llama.cpp {args.commit} from {args.repo} (log: {logpath}); "
+                                    f"the offline route carries only {DEFAULT_COMMIT}")
+                log(f"GitHub unreachable: taking llama.cpp {args.commit} from the PyPI sdist {SDIST} instead")
+                extract_from_sdist(tmp / "src", logf)
+                origin = "sdist"
+        for needed in ("convert_hf_to_gguf.py", "gguf-py", "tools/server", "CMakeLists.txt"):
+            if not (tmp / "src" / needed).exists():
+                raise UserError(f"llama.cpp source from {origin} lacks {needed}; see {logpath}")
+        (tmp / "src" / MARKER).write_text(f"{args.commit} {origin}\n")
+        (tmp / "src").rename(dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"llama.cpp {args.commit} ready in {dest} (from {origin})")
+
+
+def find_nvcc() -> str | None:
+    for cand in (shutil.which("nvcc"), os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin/nvcc")):
+        if cand and os.path.exists(cand):
+            return cand
+    return None
+
+
+def has_nvidia_gpu() -> bool:
+    try:
+        r = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0 and "GPU" in r.stdout
+
+
+def build(args) -> None:
+    src = Path(args.dest).resolve()
+    marker = src / MARKER
+    if not marker.exists():
+        raise UserError(f"{src} has no llama.cpp source; run 'make vendor' first")
+    commit = marker.read_text().split()[0]
+    backend = args.backend
+    nvcc = find_nvcc()
+    if backend == "auto":  # nvcc alone is not enough: toolkits without a GPU often lack cuBLAS too
+        backend = "cuda" if nvcc and has_nvidia_gpu() else "cpu"
+    if backend == "cuda" and not nvcc:
+        raise UserError("LLAMA_BACKEND=cuda but nvcc was not found (set CUDA_HOME or PATH)")
+    build_dir = cache_dir() / "llama.cpp-build" / f"{commit}-{backend}"
+    link = src / "build"
+    bins = [build_dir / "bin" / t for t in TOOLS]
+    if all(b.exists() for b in bins) and (build_dir / "BUILD_OK").exists():
+        log(f"reusing the {backend} build of llama.cpp {commit} in {build_dir}")
+    else:
+        shutil.rmtree(build_dir, ignore_errors=True)  # a half-finished build of another tree: start clean
+        build_dir.mkdir(parents=True)
+        logpath = Path(args.log).resolve()
+        logpath.parent.mkdir(parents=True, exist_ok=True)
+        flags = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_UI=OFF",
+                 "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+                 "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON"]
+        if backend == "cuda":
+            flags += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_COMPILER={nvcc}"]
+            if os.environ.get("CUDA_ARCHITECTURES"):
+                flags.append(f"-DCMAKE_CUDA_ARCHITECTURES={os.environ['CUDA_ARCHITECTURES']}")
+        jobs = str(args.jobs or os.cpu_count() or 2)
+        steps = [
+            ("cmake configure", ["cmake", "-S", str(src), "-B", str(build_dir), *flags]),
+            ("cmake build", ["cmake", "--build", str(build_dir), "-j", jobs, "--target", *TOOLS]),
+        ]
+        log(f"building {', '.join(TOOLS)} ({backend}, -j{jobs}); this takes about 10 minutes on 2 cores; "
+            f"log: {logpath}")
+        with open(logpath, "a") as logf:
+            for name, cmd in steps:
+                print("$ " + " ".join(cmd), file=logf, flush=True)
+                r = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT)
+                if r.returncode != 0:
+                    tail = logpath.read_text(errors="replace").splitlines()[-15:]
+                    print("\n".join(tail), file=sys.stderr)
+                    raise UserError(f"llama.cpp {name} failed (exit {r.returncode}); full log: {logpath}")
+        (build_dir / "BUILD_OK").write_text(f"{commit} {backend}\n")
+    if link.is_symlink() or link.exists():
+        if link.is_symlink() or link.is_file():
+            link.unlink()
+        else:
+            shutil.rmtree(link)
+    link.symlink_to(build_dir, target_is_directory=True)
+    log(f"llama.cpp tools ready in {link}/bin")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", choices=["fetch", "build"], help="fetch the source, or build the tools")
+    p.add_argument("--dest", default=str(ROOT / "vendor" / "llama.cpp"), help="where the source goes")
+    p.add_argument("--commit", default=DEFAULT_COMMIT, help="llama.cpp commit to pin (default %(default)s)")
+    p.add_argument("--repo", default=DEFAULT_REPO, help="git URL of llama.cpp")
+    p.add_argument("--backend", choices=["auto", "cpu", "cuda"], default="auto", help="build backend")
+    p.add_argument("--jobs", type=int, default=0, help="parallel build jobs (default: all cores)")
+    p.add_argument("--log", default=str(ROOT / "out" / "logs" / "llama.cpp.log"), help="log file")
+    args = p.parse_args()
+    if args.action == "fetch":
+        fetch(args)
+    else:
+        build(args)
+
+
+if __name__ == "__main__":
+    run_main(main)
