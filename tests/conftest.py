@@ -1,0 +1,28 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+
+from helpers import LLAMA_SERVER, make_tiny_llama  # noqa: E402
+
+needs_llama_cpp = pytest.mark.skipif(not LLAMA_SERVER.exists(), reason="llama.cpp not built (make vendor)")
+
+
+@pytest.fixture(scope="session")
+def tiny_spm(tmp_path_factory):
+    """(folder, model, tokenizer) of a tiny fp32 Llama with the real Llama 2 SentencePiece tokenizer."""
+    folder = tmp_path_factory.mktemp("tiny-spm")
+    model, tok = make_tiny_llama(folder, "spm")
+    return folder, model, tok
+
+
+@pytest.fixture(scope="session")
+def tiny_bpe(tmp_path_factory):
+    """(folder, model, tokenizer) of a tiny bf16 Llama with the real Llama 3 BPE tokenizer."""
+    import torch
+    folder = tmp_path_factory.mktemp("tiny-bpe")
+    model, tok = make_tiny_llama(folder, "bpe", dtype=torch.bfloat16)
+    return folder, model, tok

@@ -1,0 +1,146 @@
+"""Test helpers: tiny real-tokenizer Llama models, random LoRA adapters, a server on a free port."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ROOT / "scripts"
+LLAMA_CPP = ROOT / "vendor" / "llama.cpp"
+LLAMA_SERVER = LLAMA_CPP / "build" / "bin" / "llama-server"
+VOCABS = LLAMA_CPP / "models"
+
+
+def run_script(name: str, *args, env: dict | None = None, check: bool = True, timeout: int = 900):
+    """Run scripts/<name> with this interpreter; return the CompletedProcess (text)."""
+    proc = subprocess.run([sys.executable, str(SCRIPTS / name), *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def error_line(proc) -> str:
+    """The one-line error a script printed (the last stderr line)."""
+    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    return lines[-1] if lines else ""
+
+
+def real_tokenizer(kind: str):
+    """The real Llama 2 (spm, 32000) or Llama 3 (bpe) tokenizer rebuilt from llama.cpp's vocab GGUFs."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(VOCABS, gguf_file=f"ggml-vocab-llama-{kind}.gguf")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def save_tokenizer(tok, folder: Path) -> None:
+    tok.save_pretrained(folder)
+    # transformers copies the GGUF itself as "tokenizer.model"; it is no SentencePiece model, drop it
+    model_file = folder / "tokenizer.model"
+    if model_file.exists() and model_file.read_bytes()[:4] == b"GGUF":
+        model_file.unlink()
+
+
+def make_tiny_llama(folder: Path, kind: str = "spm", dtype=torch.float32, seed: int = 0,
+                    tie: bool = False, shard: str | None = None, hidden: int = 64):
+    """A 2-layer random Llama with a real tokenizer, saved as a Hugging Face folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tok = real_tokenizer(kind)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=tie, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      rms_norm_eps=1e-5)
+    model = LlamaForCausalLM(cfg).to(dtype)
+    model.save_pretrained(folder, safe_serialization=True, **({"max_shard_size": shard} if shard else {}))
+    save_tokenizer(tok, folder)
+    return model, tok
+
+
+def make_adapter(base_model, folder: Path, seed: int = 1, **lora_kwargs):
+    """A PEFT LoRA adapter on `base_model` with random, non-zero A and B, saved to `folder`."""
+    from peft import LoraConfig, get_peft_model
+    import copy
+    kwargs = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0}
+    kwargs.update(lora_kwargs)
+    model = get_peft_model(copy.deepcopy(base_model), LoraConfig(**kwargs))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.2)
+            elif "modules_to_save" in name:
+                p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(folder)
+    return model
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_json(url: str, body: dict | None = None, timeout: float = 120, headers: dict | None = None):
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return r.status, json.loads(r.read())
+
+
+@contextlib.contextmanager
+def running_server(gguf: Path, tmp: Path, port: int | None = None):
+    """Start scripts/serve.py in the background on a free port; always stop it afterwards."""
+    port = port or free_port()
+    pid_file = tmp / f"server-{port}.pid"
+    run_script("serve.py", "start", "--background", "--model", gguf, "--port", port, "--pid-file", pid_file,
+               "--log", tmp / f"server-{port}.log", "--engine", "llama-server", "--llama-server", LLAMA_SERVER,
+               "--timeout", 120)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        run_script("serve.py", "stop", "--pid-file", pid_file, check=False)
+
+
+def gguf_next_token_logprobs(url: str, prompt_ids: list[int], n_predict: int, n_probs: int):
+    """Greedy continuation from the server with the top-`n_probs` log-probabilities at each position."""
+    _, out = http_json(url + "/completion", {"prompt": prompt_ids, "n_predict": n_predict, "temperature": 0,
+                                              "n_probs": n_probs, "cache_prompt": False})
+    steps = out["completion_probabilities"]
+    generated = [s["id"] for s in steps]
+    tops = [{t["id"]: t["logprob"] for t in s["top_logprobs"]} for s in steps]
+    return generated, tops
+
+
+def distribution_agreement(hf_model, prompt_ids: list[int], generated: list[int], tops: list[dict]):
+    """Compare the server's top-k next-token distributions with the HF model's on the same tokens.
+
+    Returns (top-1 agreement, mean KL(gguf || hf) over the server's top-k support with the rest of the
+    mass lumped into one bucket, number of positions).
+    """
+    ids = torch.tensor([prompt_ids + generated])
+    with torch.no_grad():
+        logp = torch.log_softmax(hf_model(ids).logits[0].float(), -1)
+    start = len(prompt_ids) - 1
+    agree, kls = 0, []
+    for i, top in enumerate(tops):
+        row = logp[start + i]
+        agree += int(int(row.argmax()) == max(top, key=top.get))
+        p = torch.tensor([torch.tensor(v).exp() for v in top.values()]).double()
+        q = row[list(top.keys())].exp().double()
+        p_rest, q_rest = max(1 - float(p.sum()), 1e-12), max(1 - float(q.sum()), 1e-12)
+        kl = float((p * (p.log() - q.log())).sum()) + p_rest * (torch.tensor(p_rest).log() -
+                                                                 torch.tensor(q_rest).log()).item()
+        kls.append(kl)
+    return agree / len(tops), sum(kls) / len(kls), len(tops)

@@ -1,0 +1,219 @@
+"""The streaming merge equals PEFT's merge_and_unload, and refuses what it cannot merge right."""
+import copy
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from helpers import error_line, make_adapter, make_tiny_llama, run_script
+
+
+def merged_by_peft(peft_model):
+    return copy.deepcopy(peft_model).merge_and_unload()
+
+
+def assert_same_logits(folder, reference, atol):
+    merged = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    ids = torch.randint(0, merged.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = merged(ids).logits
+        ref = reference.float()(ids).logits
+    assert torch.isfinite(ours).all()
+    assert (ours - ref).abs().max().item() <= atol, (ours - ref).abs().max().item()
+
+
+def merge(base, ckpt_dir, out, *extra, check=True, env=None):
+    return run_script("merge_lora.py", "--base", base, "--checkpoints-dir", ckpt_dir, "--out", out, *extra,
+                      check=check, env=env)
+
+
+@pytest.mark.parametrize("variant", ["plain", "rslora_patterns", "dora", "modules_to_save", "embedding",
+                                     "all_linear"])
+def test_streaming_merge_equals_peft(tiny_spm, tmp_path, variant):
+    base_dir, base_model, _ = tiny_spm
+    kwargs = {
+        "plain": {},
+        "rslora_patterns": {"use_rslora": True, "rank_pattern": {"v_proj": 2}, "alpha_pattern": {"q_proj": 3},
+                            "target_modules": ["q_proj", "v_proj", "down_proj"]},
+        "dora": {"use_dora": True, "target_modules": ["q_proj", "o_proj", "up_proj"]},
+        "modules_to_save": {"modules_to_save": ["lm_head"]},
+        "embedding": {"target_modules": ["embed_tokens", "k_proj"]},
+        "all_linear": {"target_modules": "all-linear", "r": 8, "lora_alpha": 16},
+    }[variant]
+    ckpts = tmp_path / "checkpoints"
+    peft_model = make_adapter(base_model, ckpts / "adapter", **kwargs)
+    merge(base_dir, ckpts, tmp_path / "merged")
+    assert_same_logits(tmp_path / "merged", merged_by_peft(peft_model), atol=1e-4)
+    info = json.loads((tmp_path / "merged" / "merge_info.json").read_text())
+    assert info["method"] == "streaming" and info["checkpoint"].endswith("adapter")
+    # the delta really changed the model: the merged logits differ from the base's
+    ids = torch.arange(16).unsqueeze(0)
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+        assert (merged(ids).logits - base_model(ids).logits).abs().max() > 1e-3
+
+
+def test_bf16_base_sharded_and_peft_method_agree(tmp_path):
+    """A sharded bf16 base: streaming merge rounds once; PEFT's path (--method peft) is within 1 bf16 ulp."""
+    base_dir = tmp_path / "base"
+    base_model, _ = make_tiny_llama(base_dir, "spm", dtype=torch.bfloat16, shard="1MB")
+    assert (base_dir / "model.safetensors.index.json").exists()
+    make_adapter(base_model, tmp_path / "ckpts" / "a", r=4, lora_alpha=8)
+    merge(base_dir, tmp_path / "ckpts", tmp_path / "ours")
+    merge(base_dir, tmp_path / "ckpts", tmp_path / "peft", "--method", "peft")
+    ours = {k: v for f in sorted((tmp_path / "ours").glob("*.safetensors")) for k, v in load_file(f).items()}
+    ref = {k: v for f in sorted((tmp_path / "peft").glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert ours.keys() == ref.keys()
+    for key in ours:
+        assert ours[key].dtype == torch.bfloat16
+        diff = (ours[key].float() - ref[key].float()).abs()
+        ulp = ref[key].float().abs() * 2 ** -7 + 1e-30
+        assert (diff <= ulp).all(), key
+
+
+def test_resized_vocabulary_with_modules_to_save(tiny_spm, tmp_path):
+    """A trained embed_tokens + lm_head with 8 new tokens: the merged config and tensors take the new size."""
+    base_dir, base_model, _ = tiny_spm
+    grown = copy.deepcopy(base_model)
+    grown.resize_token_embeddings(base_model.config.vocab_size + 8)
+    peft_model = make_adapter(grown, tmp_path / "ckpts" / "a", modules_to_save=["embed_tokens", "lm_head"])
+    merge(base_dir, tmp_path / "ckpts", tmp_path / "merged")
+    cfg = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert cfg["vocab_size"] == base_model.config.vocab_size + 8
+    assert_same_logits(tmp_path / "merged", merged_by_peft(peft_model), atol=1e-4)
+
+
+def test_trainer_checkpoint_folder_is_accepted(tiny_spm, tmp_path):
+    base_dir, base_model, _ = tiny_spm
+    ckpt = tmp_path / "ckpts" / "checkpoint-500"
+    peft_model = make_adapter(base_model, ckpt)
+    for extra in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin"):
+        (ckpt / extra).write_bytes(b"\0" * 16)
+    merge(base_dir, tmp_path / "ckpts", tmp_path / "merged")
+    assert_same_logits(tmp_path / "merged", merged_by_peft(peft_model), atol=1e-4)
+
+
+def test_checkpoint_tokenizer_and_chat_template_win(tiny_spm, tmp_path):
+    base_dir, base_model, tok = tiny_spm
+    ckpt = tmp_path / "ckpts" / "a"
+    make_adapter(base_model, ckpt)
+    tok2 = copy.deepcopy(tok)
+    tok2.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tok2.save_pretrained(ckpt)
+    merge(base_dir, tmp_path / "ckpts", tmp_path / "merged")
+    saved = json.loads((tmp_path / "merged" / "tokenizer_config.json").read_text()).get("chat_template") or (
+        tmp_path / "merged" / "chat_template.jinja").read_text()
+    assert saved == tok2.chat_template
+
+
+# ---- bad input: one clear line, non-zero exit, no output left behind ----
+
+def expect_error(proc, *words, out=None):
+    assert proc.returncode != 0
+    line = error_line(proc)
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    for w in words:
+        assert w in line, line
+    if out is not None:
+        assert not out.exists() and not list(out.parent.glob(f".{out.name}.tmp-*"))
+
+
+def test_missing_checkpoint_folder(tiny_spm, tmp_path):
+    out = tmp_path / "merged"
+    expect_error(merge(tiny_spm[0], tmp_path / "nope", out, check=False), "does not exist", out=out)
+
+
+def test_no_checkpoint(tiny_spm, tmp_path):
+    (tmp_path / "ckpts").mkdir()
+    (tmp_path / "ckpts" / "README.md").write_text("drop adapters here")
+    out = tmp_path / "merged"
+    expect_error(merge(tiny_spm[0], tmp_path / "ckpts", out, check=False), "no checkpoint in", out=out)
+
+
+def test_empty_checkpoint_folder(tiny_spm, tmp_path):
+    (tmp_path / "ckpts" / "mine").mkdir(parents=True)
+    out = tmp_path / "merged"
+    expect_error(merge(tiny_spm[0], tmp_path / "ckpts", out, check=False), "mine", "is empty", out=out)
+
+
+def test_several_checkpoints_need_a_choice(tiny_spm, tmp_path):
+    base_dir, base_model, _ = tiny_spm
+    make_adapter(base_model, tmp_path / "ckpts" / "first")
+    peft_b = make_adapter(base_model, tmp_path / "ckpts" / "second", seed=7)
+    out = tmp_path / "merged"
+    expect_error(merge(base_dir, tmp_path / "ckpts", out, check=False), "first", "second", "CHECKPOINT=", out=out)
+    merge(base_dir, tmp_path / "ckpts", out, "--checkpoint", "second")
+    assert_same_logits(out, merged_by_peft(peft_b), atol=1e-4)
+
+
+def test_adapter_for_another_base_names_both(tiny_spm, tmp_path):
+    other_dir = tmp_path / "other"
+    other, _ = make_tiny_llama(other_dir, "spm", hidden=32)
+    make_adapter(other, tmp_path / "ckpts" / "a")
+    cfg_path = tmp_path / "ckpts" / "a" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = "someone/other-model"
+    cfg_path.write_text(json.dumps(cfg))
+    out = tmp_path / "merged"
+    expect_error(merge(tiny_spm[0], tmp_path / "ckpts", out, check=False), "someone/other-model",
+                 str(tiny_spm[0]), out=out)
+
+
+def test_corrupt_safetensors(tiny_spm, tmp_path):
+    make_adapter(tiny_spm[1], tmp_path / "ckpts" / "a")
+    st = tmp_path / "ckpts" / "a" / "adapter_model.safetensors"
+    st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
+    out = tmp_path / "merged"
+    expect_error(merge(tiny_spm[0], tmp_path / "ckpts", out, check=False), "corrupt safetensors", out=out)
+
+
+def test_unsupported_adapter_type(tiny_spm, tmp_path):
+    make_adapter(tiny_spm[1], tmp_path / "ckpts" / "a")
+    cfg_path = tmp_path / "ckpts" / "a" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["peft_type"] = "IA3"
+    cfg_path.write_text(json.dumps(cfg))
+    out = tmp_path / "merged"
+    expect_error(merge(tiny_spm[0], tmp_path / "ckpts", out, check=False), "unsupported adapter type", "IA3",
+                 out=out)
+
+
+def test_non_finite_merge_names_the_tensor(tiny_spm, tmp_path):
+    from safetensors.torch import save_file
+    make_adapter(tiny_spm[1], tmp_path / "ckpts" / "a")
+    st = tmp_path / "ckpts" / "a" / "adapter_model.safetensors"
+    tensors = load_file(st)
+    key = next(k for k in tensors if "layers.1.self_attn.v_proj.lora_B" in k)
+    tensors[key][0, 0] = float("inf")
+    save_file(tensors, st)
+    out = tmp_path / "merged"
+    expect_error(merge(tiny_spm[0], tmp_path / "ckpts", out, check=False), "model.layers.1.self_attn.v_proj.weight",
+                 "non-finite", out=out)
+
+
+def test_not_enough_disk_space(tiny_spm, tmp_path):
+    make_adapter(tiny_spm[1], tmp_path / "ckpts" / "a")
+    out = tmp_path / "merged"
+    proc = merge(tiny_spm[0], tmp_path / "ckpts", out, check=False, env={"LORA_SHIP_FAKE_FREE_BYTES": "1000"})
+    expect_error(proc, "not enough disk space", out=out)
+
+
+def test_failed_merge_keeps_previous_output(tiny_spm, tmp_path):
+    make_adapter(tiny_spm[1], tmp_path / "ckpts" / "a")
+    out = tmp_path / "merged"
+    merge(tiny_spm[0], tmp_path / "ckpts", out)
+    before = (out / "model.safetensors").read_bytes()
+    shutil.rmtree(tmp_path / "ckpts" / "a")
+    (tmp_path / "ckpts" / "a").mkdir()
+    proc = merge(tiny_spm[0], tmp_path / "ckpts", out, check=False)
+    assert proc.returncode != 0
+    assert (out / "model.safetensors").read_bytes() == before
+
+
+def test_missing_base_model_path(tmp_path):
+    proc = run_script("prepare_base.py", "--base-model", str(tmp_path / "no-such-model"), "--out", tmp_path / "o",
+                      check=False)
+    expect_error(proc, "BASE_MODEL path", "does not exist")
