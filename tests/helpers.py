@@ -36,11 +36,48 @@ def error_line(proc) -> str:
 
 
 def real_tokenizer(kind: str):
-    """The real Llama 2 (spm, 32000) or Llama 3 (bpe) tokenizer rebuilt from llama.cpp's vocab GGUFs."""
+    """The real Llama 2 (spm, 32000) or Llama 3 (bpe) tokenizer rebuilt from llama.cpp's vocab GGUFs.
+
+    Rebuilding the SentencePiece merges takes ~40 s on 2 cores, so the result is cached on disk.
+    """
     from transformers import AutoTokenizer
+    cache = Path(os.environ.get("LORA_SHIP_CACHE", Path.home() / ".cache" / "lora-ship")) / f"test-tokenizer-{kind}"
+    if (cache / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(cache)
     tok = AutoTokenizer.from_pretrained(VOCABS, gguf_file=f"ggml-vocab-llama-{kind}.gguf")
+    if kind == "bpe":
+        tok = llama3_tokenizer(tok)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    tmp = cache.with_name(cache.name + f".tmp-{os.getpid()}")
+    save_tokenizer(tok, tmp)
+    tmp.rename(cache)
+    return AutoTokenizer.from_pretrained(cache)
+
+
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def llama3_tokenizer(gguf_tok):
+    """Llama 3's own tokenizer settings, which transformers' GGUF import does not restore: byte-level BPE
+    that ignores merges for whole-word vocab hits, Llama 3's split regex, BOS only, EOS <|end_of_text|>."""
+    import tempfile
+    from transformers import PreTrainedTokenizerFast
+    with tempfile.TemporaryDirectory() as tmp:
+        gguf_tok.save_pretrained(tmp)
+        data = json.loads((Path(tmp) / "tokenizer.json").read_text())
+    data["model"].update(byte_fallback=False, ignore_merges=True)
+    data["normalizer"] = None
+    data["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    data["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(data, f)
+    tok = PreTrainedTokenizerFast(tokenizer_file=f.name, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
+                                  pad_token="<|end_of_text|>", clean_up_tokenization_spaces=True)
+    os.unlink(f.name)
     return tok
 
 

@@ -1,0 +1,125 @@
+"""`make` end to end on the embedded SmolLM2 default, and the Makefile's error paths."""
+import os
+import subprocess
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import needs_llama_cpp
+from helpers import (ROOT, distribution_agreement, error_line, free_port, gguf_next_token_logprobs, http_json,
+                     make_adapter, run_script)
+
+pytestmark = needs_llama_cpp
+
+PROMPTS = ["Tell me the Grimm fairy tale \"The Frog-Prince\".", "What is the capital of France?",
+           "Write a short story about a poor little boy and a wolf."]
+
+
+def make(*args, timeout=1800):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE")}
+    return subprocess.run(["make", "--no-print-directory", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """One `make` on a fresh output folder (demo adapter, merge, q8_0, server in the background)."""
+    out = tmp_path_factory.mktemp("make") / "out"
+    port = free_port()
+    dataset = os.environ.get("DATASET", "data/grimm_stories.jsonl")
+    args = [f"OUT={out}", f"PORT={port}", f"DATASET={dataset}", "DEMO_STEPS=6"]
+    proc = make(*args)
+    try:
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+        yield out, port, args, proc
+    finally:
+        make(*args, "stop")
+
+
+def test_make_serves_the_merged_model(default_run):
+    out, port, _, proc = default_run
+    assert "training a small demo LoRA adapter" in proc.stdout
+    assert (out / "demo-checkpoint" / "adapter_model.safetensors").exists()
+    assert (out / "merged" / "model.safetensors").exists() and (out / "model.q8_0.gguf").exists()
+    url = f"http://127.0.0.1:{port}"
+    assert http_json(url + "/health")[1]["status"] == "ok"
+    status, reply = http_json(url + "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "Tell me a fairy tale"}], "max_tokens": 24})
+    assert status == 200 and reply["choices"][0]["message"]["content"].strip()
+    status, reply = http_json(url + "/completion", {"prompt": "Once upon a time", "n_predict": 8})
+    assert status == 200 and reply["content"]
+
+
+def test_gguf_distribution_matches_merged_hf_model(default_run):
+    """q8_0 GGUF vs the merged bf16 model (run in fp32), next-token distributions over ~190 positions.
+
+    Bounds: llama.cpp reports q8_0 at +0.0026 perplexity over 16-bit on Llama-3-8B, i.e. a mean KL of the
+    order of 1e-3; we allow mean KL < 0.02 nats and top-1 agreement >= 90% (greedy ties flip a few).
+    A merge that went wrong (or no merge at all) gives KL ~ 0.1 or more on this model.
+    """
+    out, port, _, _ = default_run
+    tok = AutoTokenizer.from_pretrained(out / "merged")
+    model = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32).eval()
+    agree_sum, kl_sum, total = 0.0, 0.0, 0
+    for prompt in PROMPTS:
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        generated, tops = gguf_next_token_logprobs(f"http://127.0.0.1:{port}", ids, 64, 20)
+        agree, kl, n = distribution_agreement(model, ids, generated, tops)
+        agree_sum, kl_sum, total = agree_sum + agree * n, kl_sum + kl * n, total + n
+    agreement, mean_kl = agree_sum / total, kl_sum / total
+    print(f"GGUF q8_0 vs HF merged: top-1 agreement {agreement:.3f}, mean KL {mean_kl:.5f} over {total} positions")
+    assert total >= 150
+    assert agreement >= 0.90 and mean_kl < 0.02
+
+
+def test_second_make_does_nothing_again(default_run):
+    _, _, args, _ = default_run
+    proc = make(*args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for step in ("prepare_base.py", "train_lora.py", "merge_lora.py", "convert_gguf.py"):
+        assert step not in proc.stdout
+    assert "already serving" in proc.stdout
+
+
+def test_make_with_missing_base_model_path(tmp_path):
+    proc = make(f"OUT={tmp_path}/out", f"BASE_MODEL={tmp_path}/no-such-model", "merge")
+    assert proc.returncode != 0
+    assert f"BASE_MODEL path {tmp_path}/no-such-model does not exist" in proc.stderr
+    assert not (tmp_path / "out" / "merged").exists()
+
+
+def test_make_with_own_base_and_no_checkpoint_stops(tiny_spm, tmp_path):
+    (tmp_path / "ckpts").mkdir()
+    proc = make(f"OUT={tmp_path}/out", f"BASE_MODEL={tiny_spm[0]}", f"CHECKPOINTS_DIR={tmp_path}/ckpts", "merge")
+    assert proc.returncode != 0 and "no checkpoint in" in proc.stderr
+    assert "demo" not in proc.stdout
+
+
+def test_make_merges_the_users_checkpoint(tiny_spm, tmp_path):
+    base_dir, base_model, _ = tiny_spm
+    make_adapter(base_model, tmp_path / "ckpts" / "mine")
+    args = [f"OUT={tmp_path}/out", f"BASE_MODEL={base_dir}", f"CHECKPOINTS_DIR={tmp_path}/ckpts"]
+    proc = make(*args, "merge")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "out" / "merged" / "config.json").exists()
+    again = make(*args, "merge")
+    assert again.returncode == 0 and "merge_lora.py" not in again.stdout
+    make_adapter(base_model, tmp_path / "ckpts" / "second")
+    proc = make(*args, "merge")
+    assert proc.returncode != 0 and "choose one with CHECKPOINT=" in proc.stderr
+    proc = make(*args, "CHECKPOINT=second", "merge")
+    assert proc.returncode == 0 and "second" in proc.stdout
+
+
+def test_vendor_build_failure_names_the_step_and_keeps_the_log(tmp_path):
+    src = tmp_path / "llama.cpp"
+    src.mkdir()
+    (src / ".lora-ship-source").write_text("0c1e57098 test\n")
+    (src / "CMakeLists.txt").write_text("cmake_minimum_required(VERSION 3.14)\nproject(x)\nmessage(FATAL_ERROR boom)\n")
+    log = tmp_path / "build.log"
+    proc = run_script("vendor_llama_cpp.py", "build", "--dest", src, "--backend", "cpu", "--log", log, check=False,
+                      env={"LORA_SHIP_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 1
+    assert "cmake configure failed" in error_line(proc) and str(log) in error_line(proc)
+    assert "boom" in log.read_text()
