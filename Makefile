@@ -34,11 +34,12 @@ LLAMAFILE_SHA256 ?=
 DEMO_STEPS       ?= 20
 TRAIN_STEPS      ?= 30
 RUN_NAME         ?= grimm-lora
+GENERATE_ARGS    ?=
 PYTEST_ARGS      ?=
 
 HELP_VARS := BASE_MODEL CHECKPOINTS_DIR CHECKPOINT DATASET QUANT MERGE_METHOD HOST PORT API_KEY ALLOW_NO_KEY ENGINE \
   GPU_LAYERS CTX_SIZE PARALLEL SERVER_ARGS PROMPT OUT VENV TORCH_SPEC LLAMA_CPP_COMMIT LLAMA_CPP_REPO LLAMA_BACKEND \
-  LLAMAFILE_VERSION LLAMAFILE_SHA256 DEMO_STEPS TRAIN_STEPS RUN_NAME
+  LLAMAFILE_VERSION LLAMAFILE_SHA256 DEMO_STEPS TRAIN_STEPS RUN_NAME LOAD MODEL GENERATE_ARGS
 
 # ---- derived paths ----
 PY        := $(VENV)/bin/python
@@ -73,6 +74,7 @@ endif
 MERGE_INPUTS := $(BASE_DIR) $(CHECKPOINT) $(MERGE_METHOD) $(sort $(USER_CHECKPOINTS)) $(FALLBACK_ARG)
 
 .PHONY: all help install vendor llamafile base merge quantize serve serve-bg stop chat train test clean \
+        generate bench-merge \
         clean-vendor FORCE run-install-python-dependencies run-download-llamafile run-clone-repositories \
         run-merge-models run-quantize-llama-model
 
@@ -161,6 +163,16 @@ stop: ## stop the background server
 
 chat: ## send PROMPT to the running server and stream the answer
 	@$(PYTHON) scripts/chat.py --url http://$(HOST):$(PORT)
+
+# ---- generation and benchmarks ----
+LOAD  ?= 16bit
+MODEL ?= $(MERGED)
+generate: | $(STAMP) ## generate from MODEL (default: the merged model) with Transformers; LOAD=nf4|int8|16bit, streams
+	$(PY) scripts/generate.py --model $(MODEL) --load $(LOAD) --prompt "$$PROMPT" $(GENERATE_ARGS)
+
+bench-merge: $(MERGED)/config.json | $(LLAMA_BIN)/llama-server ## time + peak RSS: the seed's PEFT merge + convert vs the streaming merge + convert
+	$(PY) scripts/bench_merge.py --base $(BASE_DIR) --checkpoint $$($(PY) -c "import json;print(json.load(open('$(MERGED)/merge_info.json'))['checkpoint'])") \
+	  --quant $(QUANT) --workdir $(OUT)/bench-merge
 
 # ---- checks and housekeeping ----
 test: $(STAMP) $(LLAMA_BIN)/llama-server ## run the test suite (tests/)
