@@ -24,7 +24,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, UserError, log, run_main  # noqa: E402
+from common import ROOT, UserError, has_nvidia_gpu, log, run_main  # noqa: E402
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -56,14 +56,6 @@ def write_pid(pid_file: Path, pid: int, args) -> None:
         Path(args.model).resolve()), "model_mtime": Path(args.model).stat().st_mtime}) + "\n")
 
 
-def has_gpu() -> bool:
-    try:
-        r = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
-        return r.returncode == 0 and "GPU" in r.stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
 def pick_engine(engine: str, llamafile: Path, llama_server: Path) -> tuple[str, Path]:
     usable_llamafile = llamafile.exists() and os.access(llamafile, os.X_OK)
     if engine == "llamafile" or (engine == "auto" and usable_llamafile):
@@ -83,7 +75,7 @@ def server_command(args, engine: str, binary: Path) -> list[str]:
     gpu_layers = args.gpu_layers
     if gpu_layers == "auto":
         cuda_build = engine == "llamafile" or any((binary.parent).glob("libggml-cuda*"))
-        gpu_layers = "999" if cuda_build and has_gpu() else "0"
+        gpu_layers = "999" if cuda_build and has_nvidia_gpu() else "0"
     cmd += ["-ngl", gpu_layers]
     if args.ctx_size:
         cmd += ["-c", str(args.ctx_size)]

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, UserError, log, run_main  # noqa: E402
+from common import ROOT, UserError, has_nvidia_gpu, log, run_main  # noqa: E402
 
 DEFAULT_COMMIT = "0c1e57098"
 DEFAULT_REPO = "https://github.com/ggml-org/llama.cpp"
@@ -135,14 +135,6 @@ def find_nvcc() -> str | None:
         if cand and os.path.exists(cand):
             return cand
     return None
-
-
-def has_nvidia_gpu() -> bool:
-    try:
-        r = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return r.returncode == 0 and "GPU" in r.stdout
 
 
 def build(args) -> None:
