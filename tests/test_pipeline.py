@@ -9,7 +9,7 @@ from gguf.quants import dequantize
 from safetensors.torch import load_file
 
 from conftest import needs_llama_cpp
-from helpers import error_line, http_json, make_adapter, run_script, running_server
+from helpers import error_line, http_json, make_adapter, make_tiny_llama, run_script, running_server
 
 pytestmark = needs_llama_cpp
 
@@ -60,14 +60,18 @@ def test_merge_quantize_serve(request, tmp_path, tokenizer):
 
 
 @pytest.mark.parametrize("quant", ["f16", "Q4_K_M"])
-def test_other_quant_types(tiny_spm, tmp_path, quant):
-    base_dir, base_model, _ = tiny_spm
+def test_other_quant_types(tmp_path, quant):
+    # k-quants work on rows of 256 values: a narrower model would silently fall back to other types
+    base_dir = tmp_path / "base"
+    base_model, _ = make_tiny_llama(base_dir, "spm", hidden=256)
     make_adapter(base_model, tmp_path / "ckpts" / "a")
     run_script("merge_lora.py", "--base", base_dir, "--checkpoints-dir", tmp_path / "ckpts", "--out", tmp_path / "m")
     out = tmp_path / f"model.{quant}.gguf"
     run_script("convert_gguf.py", "--model", tmp_path / "m", "--quant", quant, "--out", out, "--log", tmp_path / "c.log")
-    types = {t.tensor_type.name for t in GGUFReader(out).tensors}
+    reader = GGUFReader(out)
+    types = {t.tensor_type.name for t in reader.tensors}
     assert ("F16" in types) if quant == "f16" else ("Q4_K" in types)
+    assert reader.fields["general.file_type"].contents() == (1 if quant == "f16" else 15)  # MOSTLY_F16 / Q4_K_M
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no intermediate left behind
 
 
