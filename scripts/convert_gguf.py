@@ -52,7 +52,8 @@ def convert(model: Path, quant: str, out: Path, llama_cpp: Path, logpath: Path) 
     if key not in CONVERTER_TYPES and key not in QUANTIZE_TYPES:
         raise UserError(f"unknown QUANT={quant}: choose one of {', '.join([*CONVERTER_TYPES, *QUANTIZE_TYPES])}")
     weights = sum(f.stat().st_size for f in model.glob("*.safetensors"))
-    dtype = json.loads((model / "config.json").read_text()).get("torch_dtype") or "bfloat16"
+    cfg = json.loads((model / "config.json").read_text())
+    dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16"
     n_params = weights / (4 if dtype == "float32" else 2)
     per_weight = CONVERTER_TYPES.get(key) or QUANTIZE_TYPES[key]
     need = n_params * per_weight + (0 if key in CONVERTER_TYPES else n_params * 2)

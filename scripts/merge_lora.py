@@ -112,7 +112,7 @@ def merge_streaming(base_dir: Path, ckpt: Path, out: Path, out_dtype_name: str) 
 
     from checkpoints import read_adapter_config, read_adapter_weights
     from lora_math import LoraConfig, dora_merge, embedding_delta, linear_delta
-    from tensor_io import CheckpointReader, ShardedWriter
+    from tensor_io import CheckpointReader, ShardedWriter, tensor_bytes
 
     cfg = read_adapter_config(ckpt)
     lcfg = LoraConfig.from_dict(cfg)
@@ -121,7 +121,7 @@ def merge_streaming(base_dir: Path, ckpt: Path, out: Path, out_dtype_name: str) 
     pairs, replace = parse_adapter(read_adapter_weights(ckpt), cfg)
     out_dtype = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[out_dtype_name]
     plan, vocab = plan_merge(base, pairs, replace, cfg, base_cfg, out_dtype)
-    require_free_space(out.parent, sum(t_bytes(d, s) for _, d, s in plan), "the merged model")
+    require_free_space(out.parent, sum(tensor_bytes(d, s) for _, d, s in plan), "the merged model")
 
     with atomic_dir(out) as tmp:
         writer = ShardedWriter(tmp, plan, metadata={"lora_ship": "merged"})
@@ -143,25 +143,19 @@ def merge_streaming(base_dir: Path, ckpt: Path, out: Path, out_dtype_name: str) 
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 raise UserError(f"merged tensor {key} has non-finite values (inf/NaN): the adapter or base is broken")
             writer.write(key, tensor.to(dtype))
-            bar.update(t_bytes(dtype, tensor.shape))
+            bar.update(tensor_bytes(dtype, list(tensor.shape)))
         writer.close()
         bar.close()
         new_cfg = dict(base_cfg)
         if vocab is not None:
             new_cfg["vocab_size"] = vocab
-        if out_dtype is not None:
-            new_cfg["torch_dtype"] = out_dtype_name.replace("bf16", "bfloat16").replace("fp16", "float16").replace(
-                "fp32", "float32")
+        if out_dtype is not None:  # transformers 4.56+ writes "dtype", older versions "torch_dtype"
+            new_cfg["dtype"] = new_cfg["torch_dtype"] = str(out_dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(new_cfg, indent=2) + "\n")
         copy_side_files(base_dir, ckpt, tmp)
         info = provenance(base_dir, ckpt, cfg, "streaming", len(pairs), len(replace))
         (tmp / "merge_info.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
-
-
-def t_bytes(dtype, shape) -> int:
-    from tensor_io import tensor_bytes
-    return tensor_bytes(dtype, list(shape))
 
 
 def merge_peft(base_dir: Path, ckpt: Path, out: Path, out_dtype_name: str) -> dict:
