@@ -12,6 +12,7 @@ CHECKPOINT       ?=
 DATASET          ?= data/grimm_stories.jsonl
 QUANT            ?= q8_0
 MERGE_METHOD     ?= streaming
+KEEP_MERGED      ?=
 HOST             ?= 127.0.0.1
 PORT             ?= 8080
 API_KEY          ?=
@@ -35,11 +36,12 @@ DEMO_STEPS       ?= 20
 TRAIN_STEPS      ?= 30
 RUN_NAME         ?= grimm-lora
 GENERATE_ARGS    ?=
+BENCH_MODEL      ?= default
 PYTEST_ARGS      ?=
 
 HELP_VARS := BASE_MODEL CHECKPOINTS_DIR CHECKPOINT DATASET QUANT MERGE_METHOD HOST PORT API_KEY ALLOW_NO_KEY ENGINE \
   GPU_LAYERS CTX_SIZE PARALLEL SERVER_ARGS PROMPT OUT VENV TORCH_SPEC LLAMA_CPP_COMMIT LLAMA_CPP_REPO LLAMA_BACKEND \
-  LLAMAFILE_VERSION LLAMAFILE_SHA256 DEMO_STEPS TRAIN_STEPS RUN_NAME LOAD MODEL GENERATE_ARGS
+  LLAMAFILE_VERSION LLAMAFILE_SHA256 DEMO_STEPS TRAIN_STEPS RUN_NAME LOAD MODEL GENERATE_ARGS KEEP_MERGED BENCH_MODEL
 
 # ---- derived paths ----
 PY        := $(VENV)/bin/python
@@ -132,19 +134,32 @@ train: $(BASE_DIR)/config.json | $(STAMP) ## fine-tune a LoRA on DATASET into CH
 $(OUT)/.merge-inputs: FORCE
 	@mkdir -p $(@D); echo '$(MERGE_INPUTS)' | cmp -s - $@ || echo '$(MERGE_INPUTS)' > $@
 
-merge: $(MERGED)/config.json ## merge the checkpoint in CHECKPOINTS_DIR (or CHECKPOINT=) into the base
-run-merge-models: merge ## alias of merge (seed name)
+# By default the merge goes straight into the GGUF (merge_gguf.py: no merged copy on disk). KEEP_MERGED=1, or
+# MERGE_METHOD=peft, writes the merged Hugging Face model to $(MERGED) first and converts that instead.
+CONVERTER_QUANTS := q8_0 f16 bf16 f32 Q8_0 F16 BF16 F32
+# converter-only types need just the llama.cpp source; the others need the built llama-quantize
+CONVERT_TOOLS := $(if $(filter $(CONVERTER_QUANTS),$(QUANT)),$(LLAMA_SRC),$(LLAMA_BIN)/llama-server)
+MERGE_ARGS = --base $(BASE_DIR) --checkpoints-dir $(CHECKPOINTS_DIR) $(if $(CHECKPOINT),--checkpoint "$(CHECKPOINT)") \
+  $(FALLBACK_ARG)
 
 $(MERGED)/config.json: $(BASE_DIR)/config.json $(CHECKPOINT_FILES) $(OUT)/.merge-inputs | $(STAMP)
-	$(PY) scripts/merge_lora.py --base $(BASE_DIR) --checkpoints-dir $(CHECKPOINTS_DIR) \
-	  $(if $(CHECKPOINT),--checkpoint "$(CHECKPOINT)") $(FALLBACK_ARG) --method $(MERGE_METHOD) --out $(MERGED)
+	$(PY) scripts/merge_lora.py $(MERGE_ARGS) --method $(MERGE_METHOD) --out $(MERGED)
 
-quantize: $(GGUF) ## convert the merged model to GGUF (QUANT: q8_0, f16, bf16, Q4_K_M, ...)
-run-quantize-llama-model: quantize ## alias of quantize (seed name)
-
-$(GGUF): $(MERGED)/config.json | $(LLAMA_BIN)/llama-server $(STAMP)
+ifneq ($(KEEP_MERGED)$(filter peft,$(MERGE_METHOD)),)
+merge: $(MERGED)/config.json ## merge the checkpoint (CHECKPOINTS_DIR, or CHECKPOINT=) into the base: straight into the GGUF; KEEP_MERGED=1 also keeps an HF copy in out/merged
+$(GGUF): $(MERGED)/config.json | $(CONVERT_TOOLS) $(STAMP)
 	$(PY) scripts/convert_gguf.py --model $(MERGED) --quant $(QUANT) --out $@ --llama-cpp $(LLAMA_CPP) \
 	  --log $(OUT)/logs/convert.log
+else
+merge: $(GGUF)
+$(GGUF): $(BASE_DIR)/config.json $(CHECKPOINT_FILES) $(OUT)/.merge-inputs | $(CONVERT_TOOLS) $(STAMP)
+	$(PY) scripts/merge_gguf.py $(MERGE_ARGS) --quant $(QUANT) --out $@ --llama-cpp $(LLAMA_CPP) \
+	  --log $(OUT)/logs/convert.log
+endif
+run-merge-models: merge ## alias of merge (seed name)
+
+quantize: $(GGUF) ## the GGUF of the merged model (QUANT: q8_0, f16, bf16, Q4_K_M, ...)
+run-quantize-llama-model: quantize ## alias of quantize (seed name)
 
 # ---- serving ----
 SERVE_ARGS = --model $(GGUF) --host $(HOST) --port $(PORT) --engine $(ENGINE) --gpu-layers $(GPU_LAYERS) \
@@ -167,12 +182,11 @@ chat: ## send PROMPT to the running server and stream the answer
 # ---- generation and benchmarks ----
 LOAD  ?= 16bit
 MODEL ?= $(MERGED)
-generate: | $(STAMP) ## generate from MODEL (default: the merged model) with Transformers; LOAD=nf4|int8|16bit, streams
+generate: $(if $(filter $(MERGED),$(MODEL)),$(MERGED)/config.json) | $(STAMP) ## generate from MODEL (default: the merged model) with Transformers; LOAD=nf4|int8|16bit, streams
 	$(PY) scripts/generate.py --model $(MODEL) --load $(LOAD) --prompt "$$PROMPT" $(GENERATE_ARGS)
 
-bench-merge: $(MERGED)/config.json | $(LLAMA_BIN)/llama-server ## time + peak RSS: the seed's PEFT merge + convert vs the streaming merge + convert
-	$(PY) scripts/bench_merge.py --base $(BASE_DIR) --checkpoint $$($(PY) -c "import json;print(json.load(open('$(MERGED)/merge_info.json'))['checkpoint'])") \
-	  --quant $(QUANT) --workdir $(OUT)/bench-merge
+bench-merge: $(BASE_DIR)/config.json $(CHECKPOINT_FILES) | $(LLAMA_SRC) $(STAMP) ## time + peak RSS: the seed's PEFT merge + convert vs ours; BENCH_MODEL=8b-random for a random 8B
+	$(PY) scripts/bench_merge.py $(MERGE_ARGS) --model $(BENCH_MODEL) --quant $(QUANT) --workdir $(OUT)/bench-merge
 
 # ---- checks and housekeeping ----
 test: $(STAMP) $(LLAMA_BIN)/llama-server ## run the test suite (tests/)

@@ -41,6 +41,14 @@ def run(cmd: list[str], what: str, logpath: Path) -> None:
         raise UserError(f"{what} failed (exit {rc}); full log: {logpath}")
 
 
+def quant_key(quant: str) -> str:
+    """The canonical spelling of a QUANT value (q8_0, f16, Q4_K_M, ...), or a UserError listing the choices."""
+    key = quant.lower() if quant.lower() in CONVERTER_TYPES else quant.upper()
+    if key not in CONVERTER_TYPES and key not in QUANTIZE_TYPES:
+        raise UserError(f"unknown QUANT={quant}: choose one of {', '.join([*CONVERTER_TYPES, *QUANTIZE_TYPES])}")
+    return key
+
+
 def convert(model: Path, quant: str, out: Path, llama_cpp: Path, logpath: Path) -> None:
     converter = llama_cpp / "convert_hf_to_gguf.py"
     quantize = llama_cpp / "build" / "bin" / "llama-quantize"
@@ -48,9 +56,7 @@ def convert(model: Path, quant: str, out: Path, llama_cpp: Path, logpath: Path) 
         raise UserError(f"{converter} not found: run 'make vendor' first")
     if not (model / "config.json").exists():
         raise UserError(f"{model} is not a Hugging Face model folder (no config.json)")
-    key = quant.lower() if quant.lower() in CONVERTER_TYPES else quant.upper()
-    if key not in CONVERTER_TYPES and key not in QUANTIZE_TYPES:
-        raise UserError(f"unknown QUANT={quant}: choose one of {', '.join([*CONVERTER_TYPES, *QUANTIZE_TYPES])}")
+    key = quant_key(quant)
     weights = sum(f.stat().st_size for f in model.glob("*.safetensors"))
     cfg = json.loads((model / "config.json").read_text())
     dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16"

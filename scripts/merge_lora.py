@@ -106,56 +106,121 @@ def plan_merge(base, pairs: dict, replace: dict, cfg: dict, base_cfg: dict, out_
     return plan, (vocab.pop() if vocab else None)
 
 
+class MergedSource:
+    """The merged model, tensor by tensor, computed on demand from the base and the adapter.
+
+    `tensor(key)` is what the merged Hugging Face model holds under `key` (rounded once to the output dtype);
+    `rows(key, a, b)` is the same for a range of rows, so a writer can stream a 2 GB embedding in pieces.
+    Both the safetensors writer below and merge_gguf.py read the merge from here.
+    """
+
+    def __init__(self, base_dir: Path, ckpt: Path, out_dtype_name: str = "auto"):
+        import torch
+
+        from checkpoints import read_adapter_config, read_adapter_weights
+        from lora_math import LoraConfig
+        from tensor_io import CheckpointReader
+
+        self.base_dir, self.ckpt = Path(base_dir), Path(ckpt)
+        self.adapter_cfg = read_adapter_config(ckpt)
+        self.lora = LoraConfig.from_dict(self.adapter_cfg)
+        self.base_cfg = json.loads((self.base_dir / "config.json").read_text())
+        self.base = CheckpointReader(self.base_dir)
+        self.pairs, self.replace = parse_adapter(read_adapter_weights(ckpt), self.adapter_cfg)
+        self.out_dtype = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16,
+                          "fp32": torch.float32}[out_dtype_name]
+        self.plan, self.vocab = plan_merge(self.base, self.pairs, self.replace, self.adapter_cfg, self.base_cfg,
+                                           self.out_dtype)
+        self.dtypes = {key: dtype for key, dtype, _ in self.plan}
+        self.shapes = {key: shape for key, _, shape in self.plan}
+
+    def config(self) -> dict:
+        """config.json of the merged model."""
+        cfg = dict(self.base_cfg)
+        if self.vocab is not None:
+            cfg["vocab_size"] = self.vocab
+        if self.out_dtype is not None:  # transformers 4.56+ writes "dtype", older versions "torch_dtype"
+            cfg["dtype"] = cfg["torch_dtype"] = str(self.out_dtype).removeprefix("torch.")
+        return cfg
+
+    def _lora(self, key: str):
+        module = key[: -len(".weight")] if key.endswith(".weight") else None
+        return module, self.pairs.get(module)
+
+    def can_split_rows(self, key: str) -> bool:
+        """Whether rows() works piecewise: DoRA norms and fan_in_fan_out need the whole matrix."""
+        _, parts = self._lora(key)
+        return len(self.shapes[key]) == 2 and (parts is None or (
+            "magnitude" not in parts and not ("A" in parts and self.lora.fan_in_fan_out)))
+
+    def tensor(self, key: str):
+        return self.rows(key, 0, self.shapes[key][0]) if self.can_split_rows(key) else self._whole(key)
+
+    def rows(self, key: str, start: int, stop: int):
+        from lora_math import embedding_delta, linear_delta
+
+        if not self.can_split_rows(key):
+            return self._whole(key)[start:stop]
+        tensor = self.replace[key][start:stop] if key in self.replace else self.base.get_rows(key, start, stop)
+        module, parts = self._lora(key)
+        if parts is not None:
+            scaling = self.lora.scaling(module)
+            if "A" in parts:  # ΔW rows a:b = scaling · B[a:b] @ A
+                tensor = tensor.float() + linear_delta(parts["A"], parts["B"][start:stop], scaling, False)
+            else:  # embedding: ΔW rows a:b = scaling · (B @ A[:, a:b])ᵀ
+                tensor = tensor.float() + embedding_delta(parts["emb_A"][:, start:stop], parts["emb_B"], scaling)
+        return self._checked(key, tensor)
+
+    def _whole(self, key: str):
+        from lora_math import dora_merge, linear_delta
+
+        tensor = self.replace[key] if key in self.replace else self.base.get(key)
+        module, parts = self._lora(key)
+        if parts is not None:
+            delta = linear_delta(parts["A"], parts["B"], self.lora.scaling(module), self.lora.fan_in_fan_out)
+            if "magnitude" in parts:
+                tensor = dora_merge(tensor, delta, parts["magnitude"], self.lora.fan_in_fan_out)
+            else:
+                tensor = tensor.float() + delta
+        return self._checked(key, tensor)
+
+    def _checked(self, key: str, tensor):
+        """Round to the output dtype; a tensor the adapter changed must be finite (the base's own are as given)."""
+        import torch
+
+        changed = key in self.replace or self._lora(key)[1] is not None
+        if changed and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserError(f"merged tensor {key} has non-finite values (inf/NaN): the adapter or base is broken")
+        return tensor.to(self.dtypes[key])
+
+    def provenance(self, method: str) -> dict:
+        return provenance(self.base_dir, self.ckpt, self.adapter_cfg, method, len(self.pairs), len(self.replace))
+
+
 def merge_streaming(base_dir: Path, ckpt: Path, out: Path, out_dtype_name: str) -> dict:
-    import torch
     from tqdm import tqdm
 
-    from checkpoints import read_adapter_config, read_adapter_weights
-    from lora_math import LoraConfig, dora_merge, embedding_delta, linear_delta
-    from tensor_io import CheckpointReader, ShardedWriter, tensor_bytes
+    from tensor_io import ShardedWriter, tensor_bytes
 
-    cfg = read_adapter_config(ckpt)
-    lcfg = LoraConfig.from_dict(cfg)
-    base_cfg = json.loads((base_dir / "config.json").read_text())
-    base = CheckpointReader(base_dir)
-    pairs, replace = parse_adapter(read_adapter_weights(ckpt), cfg)
-    out_dtype = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[out_dtype_name]
-    plan, vocab = plan_merge(base, pairs, replace, cfg, base_cfg, out_dtype)
-    require_free_space(out.parent, sum(tensor_bytes(d, s) for _, d, s in plan), "the merged model")
-
+    source = MergedSource(base_dir, ckpt, out_dtype_name)
+    require_free_space(out.parent, sum(tensor_bytes(d, s) for _, d, s in source.plan), "the merged model")
     with atomic_dir(out) as tmp:
-        writer = ShardedWriter(tmp, plan, metadata={"lora_ship": "merged"})
+        writer = ShardedWriter(tmp, source.plan, metadata={"lora_ship": "merged"})
         bar = tqdm(total=writer.total_bytes, unit="B", unit_scale=True, desc="merging", disable=None)
-        for key, dtype, _ in plan:
-            tensor = replace[key] if key in replace else base.get(key)
-            module = key[: -len(".weight")] if key.endswith(".weight") else None
-            parts = pairs.get(module)
-            if parts is not None:
-                scaling = lcfg.scaling(module)
-                if "A" in parts:
-                    delta = linear_delta(parts["A"], parts["B"], scaling, lcfg.fan_in_fan_out)
-                    if "magnitude" in parts:
-                        tensor = dora_merge(tensor, delta, parts["magnitude"], lcfg.fan_in_fan_out)
-                    else:
-                        tensor = tensor.float() + delta
-                else:
-                    tensor = tensor.float() + embedding_delta(parts["emb_A"], parts["emb_B"], scaling)
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                raise UserError(f"merged tensor {key} has non-finite values (inf/NaN): the adapter or base is broken")
-            writer.write(key, tensor.to(dtype))
-            bar.update(tensor_bytes(dtype, list(tensor.shape)))
+        for key, dtype, shape in source.plan:
+            writer.write(key, source.tensor(key))
+            bar.update(tensor_bytes(dtype, shape))
         writer.close()
         bar.close()
-        new_cfg = dict(base_cfg)
-        if vocab is not None:
-            new_cfg["vocab_size"] = vocab
-        if out_dtype is not None:  # transformers 4.56+ writes "dtype", older versions "torch_dtype"
-            new_cfg["dtype"] = new_cfg["torch_dtype"] = str(out_dtype).removeprefix("torch.")
-        (tmp / "config.json").write_text(json.dumps(new_cfg, indent=2) + "\n")
-        copy_side_files(base_dir, ckpt, tmp)
-        info = provenance(base_dir, ckpt, cfg, "streaming", len(pairs), len(replace))
-        (tmp / "merge_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    return info
+        write_side_files(source, tmp, "streaming")
+    return source.provenance("streaming")
+
+
+def write_side_files(source: MergedSource, dest: Path, method: str) -> None:
+    """config.json, generation config, tokenizer and merge_info.json of the merged model."""
+    (dest / "config.json").write_text(json.dumps(source.config(), indent=2) + "\n")
+    copy_side_files(source.base_dir, source.ckpt, dest)
+    (dest / "merge_info.json").write_text(json.dumps(source.provenance(method), indent=2) + "\n")
 
 
 def merge_peft(base_dir: Path, ckpt: Path, out: Path, out_dtype_name: str) -> dict:

@@ -1,6 +1,7 @@
 """Lazy reading and streaming writing of safetensors checkpoints, one tensor in memory at a time.
 
-Reading goes through safetensors' mmap-backed `safe_open`; writing lays out the header first (all shapes
+Reading copies each tensor (or a range of its rows) out of the file with plain reads rather than mmap, so
+the pages of a 16 GB base never pile up in the process's resident set; writing lays out the header first (all shapes
 and dtypes are known before any data is computed) and then appends each tensor's bytes as it is produced,
 so a merge never holds the whole model in memory.
 """
@@ -43,14 +44,18 @@ class CheckpointReader:
         self.folder = folder
         self._where: dict[str, str] = {}
         self._meta: dict[str, tuple[str, list[int]]] = {}
-        self._handles = {}
+        self._offset: dict[str, int] = {}  # absolute file offset of each tensor's first byte
         for name in files:
             header = read_header(folder / name)
+            data_start = 8 + header_length(folder / name)
             for key, info in header.items():
                 if key == "__metadata__":
                     continue
+                if info["dtype"] not in ST_TO_DTYPE:
+                    raise UserError(f"{folder / name}: tensor {key} has dtype {info['dtype']}, which is not supported")
                 self._where[key] = name
                 self._meta[key] = (info["dtype"], info["shape"])
+                self._offset[key] = data_start + info["data_offsets"][0]
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -65,10 +70,23 @@ class CheckpointReader:
         return ST_TO_DTYPE[self._meta[key][0]]
 
     def get(self, key: str) -> torch.Tensor:
-        name = self._where[key]
-        if name not in self._handles:
-            self._handles[name] = safe_open(str(self.folder / name), framework="pt")
-        return self._handles[name].get_tensor(key)
+        return self.get_rows(key, 0, self.shape(key)[0] if self.shape(key) else 1)
+
+    def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start:stop of a tensor (along its first dimension), read straight into a new buffer."""
+        dtype, shape = ST_TO_DTYPE[self._meta[key][0]], self._meta[key][1]
+        row_bytes = tensor_bytes(dtype, shape[1:])
+        buf = torch.empty((stop - start) * row_bytes, dtype=torch.uint8)
+        with open(self.folder / self._where[key], "rb") as f:
+            f.seek(self._offset[key] + start * row_bytes)
+            if f.readinto(buf.numpy()) != buf.numel():
+                raise UserError(f"{self.folder / self._where[key]} ends inside tensor {key}: the file is truncated")
+        return buf.view(dtype).reshape([stop - start, *shape[1:]] if shape else [])
+
+
+def header_length(path: Path) -> int:
+    with open(path, "rb") as f:
+        return struct.unpack("<Q", f.read(8))[0]
 
 
 def read_header(path: Path) -> dict:

@@ -41,7 +41,8 @@ def test_make_serves_the_merged_model(default_run):
     out, port, _, proc = default_run
     assert "training a small demo LoRA adapter" in proc.stdout
     assert (out / "demo-checkpoint" / "adapter_model.safetensors").exists()
-    assert (out / "merged" / "model.safetensors").exists() and (out / "model.q8_0.gguf").exists()
+    assert (out / "model.q8_0.gguf").exists()
+    assert not (out / "merged").exists()  # merged straight into the GGUF: no 16-bit copy on disk
     url = f"http://127.0.0.1:{port}"
     assert http_json(url + "/health")[1]["status"] == "ok"
     status, reply = http_json(url + "/v1/chat/completions", {
@@ -59,7 +60,9 @@ def test_gguf_distribution_matches_merged_hf_model(default_run):
     The same measure against the unmerged base must be clearly worse (3x the KL), so the check would see a
     merge that was lost (measured: 0.0043 merged vs 0.0156 base after 10 demo steps, 0.004 vs 0.07 after 20).
     """
-    out, port, _, _ = default_run
+    out, port, args, _ = default_run
+    proc = make(*args, "KEEP_MERGED=1", "merge")  # the Hugging Face copy of the same merge, for reference
+    assert proc.returncode == 0, proc.stderr[-2000:]
     tok = AutoTokenizer.from_pretrained(out / "merged")
     merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32).eval()
     base = AutoModelForCausalLM.from_pretrained(out / "base" / "smollm2", dtype=torch.float32).eval()
@@ -85,7 +88,7 @@ def test_second_make_does_nothing_again(default_run):
     _, _, args, _ = default_run
     proc = make(*args)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for step in ("prepare_base.py", "train_lora.py", "merge_lora.py", "convert_gguf.py"):
+    for step in ("prepare_base.py", "train_lora.py", "merge_gguf.py", "merge_lora.py", "convert_gguf.py"):
         assert step not in proc.stdout
     assert "already serving" in proc.stdout
 
@@ -110,9 +113,11 @@ def test_make_merges_the_users_checkpoint(tiny_spm, tmp_path):
     args = [f"OUT={tmp_path}/out", f"BASE_MODEL={base_dir}", f"CHECKPOINTS_DIR={tmp_path}/ckpts"]
     proc = make(*args, "merge")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert (tmp_path / "out" / "merged" / "config.json").exists()
+    assert (tmp_path / "out" / "model.q8_0.gguf").exists() and not (tmp_path / "out" / "merged").exists()
     again = make(*args, "merge")
-    assert again.returncode == 0 and "merge_lora.py" not in again.stdout
+    assert again.returncode == 0 and "merge_gguf.py" not in again.stdout
+    kept = make(*args, "KEEP_MERGED=1", "merge")
+    assert kept.returncode == 0 and (tmp_path / "out" / "merged" / "config.json").exists()
     make_adapter(base_model, tmp_path / "ckpts" / "second")
     proc = make(*args, "merge")
     assert proc.returncode != 0 and "choose one with CHECKPOINT=" in proc.stderr

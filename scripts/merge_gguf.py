@@ -1,0 +1,266 @@
+#!/usr/bin/env python3
+"""Merge a LoRA checkpoint into its base and write the GGUF directly: no merged copy on disk in between.
+
+llama.cpp's own converter (convert_hf_to_gguf.py at the pinned commit) does all the GGUF work: tensor names,
+the q/k permutation, metadata, tokenizer, which tensors stay F32. Only its tensor *source* is replaced: each
+tensor is read from the base and merged with the adapter (merge_lora.MergedSource) when the converter writes
+it, so one tensor is in memory at a time, and the embedding and output matrices are streamed in row chunks.
+Its single-threaded numpy q8_0 is replaced by a multi-threaded torch one that gives the same bytes.
+
+The merged weights are rounded to the base's dtype before quantizing, exactly as the two-step path
+(merge_lora.py writing an HF model, then convert_gguf.py) does, so both give the same GGUF tensors.
+
+--quant q8_0 (default), f16, bf16, f32 are written directly; llama-quantize types (Q4_K_M, ...) go
+through a 16-bit GGUF that is deleted afterwards.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, UserError, atomic_file, human_bytes, log, require_free_space, run_main  # noqa: E402
+from convert_gguf import CONVERTER_TYPES, QUANTIZE_TYPES, quant_key, run  # noqa: E402
+
+# float32 bytes per row chunk of a streamed tensor (tests set it small to exercise the chunking)
+ROW_CHUNK_BYTES = int(os.environ.get("LORA_SHIP_ROW_CHUNK_BYTES", 128 << 20))
+Q8_STEP_BLOCKS = 1 << 16  # blocks quantized per step (8 MiB of float32: stays in cache, measured best)
+STREAMED = ("embed_tokens.weight", "lm_head.weight")  # big, and passed through unchanged by the converter
+
+
+_q8_buffers: dict = {}
+
+
+def q8_0(arr):
+    """Q8_0 blocks of a float32 array, byte for byte what gguf-py's (and ggml's reference) quantizer gives:
+    per 32 values d = max|x| / 127 (stored as fp16) and q = round-half-away(x / d) as int8.
+    On the CPU's threads: the same arithmetic on an H100 gave different bytes for some blocks (and no speed)."""
+    import numpy as np
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).reshape(-1, 32)
+    out = torch.empty((x.shape[0], 34), dtype=torch.uint8)
+    if "q" not in _q8_buffers:  # reused: fresh pages cost more than the arithmetic
+        _q8_buffers.update((k, torch.empty(Q8_STEP_BLOCKS, 32)) for k in ("q", "a", "w"))
+    for s in range(0, x.shape[0], Q8_STEP_BLOCKS):
+        blocks = x[s:s + Q8_STEP_BLOCKS]
+        n = blocks.shape[0]
+        d, qs = _q8_0_blocks(blocks, *(_q8_buffers[k][:n] for k in ("q", "a", "w")))
+        out[s:s + n, :2] = d.half().view(torch.uint8)
+        out[s:s + n, 2:].view(torch.int8).copy_(qs)
+    return out.numpy().reshape(*arr.shape[:-1], arr.shape[-1] // 32 * 34)
+
+
+def _q8_0_blocks(blocks, q, a, w):
+    """(d, rounded x / d) of [n, 32] blocks, in place in the scratch tensors q, a, w."""
+    import torch
+
+    d = torch.abs(blocks, out=a).amax(dim=1, keepdim=True).div_(127)
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    torch.mul(blocks, inv, out=q)
+    torch.abs(q, out=a)
+    torch.floor(a, out=w)
+    return d, a.sub_(w).mul_(2).floor_().add_(w).copysign_(q)  # numpy's np_roundf: half away from zero
+
+
+def keep_freed_memory() -> None:
+    """Have glibc reuse freed heap memory instead of returning big blocks to the kernel: every tensor here is
+    allocated and freed once, and fresh pages (a page fault and zeroing each) cost more than the arithmetic."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: serve blocks up to 1 GiB from the heap
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap for reuse
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
+def load_converter(llama_cpp: Path):
+    """Import llama.cpp's converter package (and its own gguf-py) from the vendored tree."""
+    if not (llama_cpp / "convert_hf_to_gguf.py").exists():
+        raise UserError(f"{llama_cpp}/convert_hf_to_gguf.py not found: run 'make vendor' first")
+    if "gguf" in sys.modules and not sys.modules["gguf"].__file__.startswith(str(llama_cpp.resolve())):
+        raise UserError("gguf was imported before the vendored one; import merge_gguf first")
+    sys.path[:0] = [str(llama_cpp.resolve() / "gguf-py"), str(llama_cpp.resolve())]
+    import conversion
+    import gguf
+    return conversion, gguf
+
+
+def use_fast_q8_0(gguf) -> None:
+    """Route the converter's Q8_0 quantization (whole tensors and row chunks) through q8_0()."""
+    import numpy as np
+
+    original = gguf.quants.quantize
+    if getattr(original, "lora_ship", False):
+        return
+    q8 = gguf.GGMLQuantizationType.Q8_0
+
+    def quantize(data, qtype):
+        if qtype != q8 or data.shape[-1] % 32:
+            return original(data, qtype)
+        if isinstance(data, gguf.LazyNumpyTensor):
+            shape = lambda s: gguf.quant_shape_to_byte_shape(s, q8)  # noqa: E731
+            return gguf.LazyNumpyTensor._wrap_fn(q8_0, meta_noop=(np.uint8, shape))(data)
+        return q8_0(data)
+
+    quantize.lora_ship = True
+    gguf.quants.quantize = quantize
+
+
+class RowChunks:
+    """Stands in for a big 2-D tensor that the converter only renames: it hands the writer row chunks
+    (gguf-py's LazyChunkedTensor), so a 2 GB embedding never sits in memory whole."""
+
+    def __init__(self, shape: list[int], chunk_ids: list, load, gguf):
+        import torch
+
+        self.shape, self.dtype, self._gguf = torch.Size(shape), torch.float32, gguf
+        self._chunks = [lambda c=c: load(c) for c in chunk_ids]
+
+    @staticmethod
+    def ranges(shape: list[int]) -> list[tuple[int, int]]:
+        step = max(1, ROW_CHUNK_BYTES // (4 * shape[1]))
+        return [(a, min(shape[0], a + step)) for a in range(0, shape[0], step)]
+
+    def dim(self) -> int:
+        return 2
+
+    def numpy(self):
+        import numpy as np
+        return self._gguf.LazyChunkedTensor(self._chunks, tuple(self.shape), np.float32)
+
+
+class Prefetcher:
+    """Runs the work items (merged tensors, row chunks) in the order the converter will ask for them, the next
+    `depth` ones in a background thread, so reading and merging overlap with quantizing and writing."""
+
+    def __init__(self, tasks: dict, depth: int = 2):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.tasks, self.order, self.depth = tasks, list(tasks), depth
+        self.position = {k: i for i, k in enumerate(self.order)}
+        self.pending: dict = {}
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+
+    def __call__(self, task_id):
+        future = self.pending.pop(task_id, None) or self.pool.submit(self.tasks[task_id])
+        i = self.position[task_id]
+        for upcoming in self.order[i + 1:i + 1 + self.depth]:
+            if upcoming not in self.pending:
+                self.pending[upcoming] = self.pool.submit(self.tasks[upcoming])
+        return future.result()
+
+
+def merged_tensor_index(source, conversion, gguf):
+    """A replacement for ModelBase.index_tensors: name -> loader of the merged tensor, in the base's order."""
+    streamed = {key for key, _, _ in source.plan if key.endswith(STREAMED) and source.can_split_rows(key)}
+    tasks = {}
+    for key, _, shape in source.plan:
+        if key in streamed:
+            for a, b in RowChunks.ranges(shape):
+                tasks[(key, a, b)] = lambda key=key, a=a, b=b: source.rows(key, a, b).float().numpy()
+        else:
+            tasks[key] = lambda key=key: source.tensor(key)
+    load = Prefetcher(tasks)
+
+    def index_tensors(model, remote_hf_model_id=None):
+        tensors = {}
+        for key, dtype, shape in source.plan:
+            if key in streamed:
+                chunk_ids = [(key, a, b) for a, b in RowChunks.ranges(shape)]
+                gen = lambda shape=shape, ids=chunk_ids: RowChunks(shape, ids, load, gguf)  # noqa: E731
+            else:
+                meta = conversion.LazyTorchTensor.meta_with_dtype_and_shape(dtype, tuple(shape))
+                gen = lambda key=key, meta=meta: conversion.LazyTorchTensor(  # noqa: E731
+                    meta=meta, args=(key,), func=load)
+            if item := model.filter_tensors((key, gen)):
+                tensors[item[0]] = item[1]
+        return tensors
+
+    return index_tensors
+
+
+def write_gguf(source, outtype: str, out: Path, llama_cpp: Path, model_name: str) -> None:
+    """Run the converter on a folder holding the merged model's config and tokenizer, with tensors from source."""
+    import torch
+
+    from merge_lora import write_side_files
+
+    conversion, gguf = load_converter(llama_cpp)
+    use_fast_q8_0(gguf)
+    keep_freed_memory()
+    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+             "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
+    with tempfile.TemporaryDirectory(prefix=".merge-stage-", dir=out.parent) as stage:
+        stage = Path(stage) / model_name  # the converter derives general.* names from the folder's name
+        stage.mkdir()
+        write_side_files(source, stage, "streaming-gguf")
+        hparams = conversion.ModelBase.load_hparams(stage, False)
+        arch = conversion.get_model_architecture(hparams, conversion.ModelType.TEXT)
+        try:
+            model_class = conversion.get_model_class(arch)
+        except NotImplementedError:
+            raise UserError(f"llama.cpp's converter does not support the architecture {arch}") from None
+        model_class.index_tensors = merged_tensor_index(source, conversion, gguf)
+        with torch.inference_mode():
+            model = model_class(stage, ftype, out, model_name=model_name, hparams=hparams)
+            try:
+                model.write()
+            except BaseException:
+                from tqdm import tqdm
+                for bar in list(getattr(tqdm, "_instances", [])):  # wipe the converter's progress bar, so the
+                    bar.leave = False                               # error stays the last line printed
+                    bar.close()
+                raise
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", required=True, type=Path, help="base model folder (Hugging Face format)")
+    p.add_argument("--checkpoints-dir", type=Path, default=Path("quantization/checkpoints"),
+                   help="folder holding the checkpoint (default: %(default)s)")
+    p.add_argument("--checkpoint", default=None, help="which checkpoint (a name inside --checkpoints-dir, or a path)")
+    p.add_argument("--fallback", type=Path, default=None, help="checkpoint to use when --checkpoints-dir is empty")
+    p.add_argument("--quant", default="q8_0", help="q8_0 (default), f16, bf16, f32, or Q4_K_M, Q6_K, ...")
+    p.add_argument("--out", required=True, type=Path, help="GGUF file to write")
+    p.add_argument("--llama-cpp", type=Path, default=ROOT / "vendor" / "llama.cpp", help="llama.cpp folder")
+    p.add_argument("--log", type=Path, default=ROOT / "out" / "logs" / "convert.log", help="llama-quantize log")
+    args = p.parse_args()
+
+    from checkpoints import select_checkpoint
+    from merge_lora import MergedSource
+
+    key = quant_key(args.quant)
+    if not (args.base / "config.json").exists():
+        raise UserError(f"base model folder {args.base} has no config.json (run 'make base' or check BASE_MODEL)")
+    quantize = args.llama_cpp / "build" / "bin" / "llama-quantize"
+    if key in QUANTIZE_TYPES and not quantize.exists():
+        raise UserError(f"{quantize} not found: run 'make vendor' first")
+    ckpt = select_checkpoint(args.checkpoints_dir, args.checkpoint, args.fallback)
+    source = MergedSource(args.base, ckpt)
+    n_params = sum(math.prod(shape) for _, _, shape in source.plan)
+    per_weight = CONVERTER_TYPES.get(key) or QUANTIZE_TYPES[key] + 2
+    require_free_space(args.out.parent, int(n_params * per_weight), f"the {key} GGUF")
+    log(f"merging {ckpt} into {args.base} straight into a {key} GGUF")
+    start = time.perf_counter()
+    with atomic_file(args.out) as tmp:
+        if key in CONVERTER_TYPES:
+            write_gguf(source, key, tmp, args.llama_cpp, ckpt.name)
+        else:
+            mid = tmp.with_name(tmp.name + ".f16")
+            try:
+                write_gguf(source, "f16", mid, args.llama_cpp, ckpt.name)
+                run([str(quantize), str(mid), str(tmp), key, str(os.cpu_count() or 1)], "llama-quantize", args.log)
+            finally:
+                mid.unlink(missing_ok=True)
+    log(f"wrote {args.out} ({human_bytes(args.out.stat().st_size)}) in {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,138 @@
+"""merge_gguf.py: the adapter merged straight into the GGUF equals the two-step path, tensor for tensor."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize, quantize
+from safetensors.torch import load_file, save_file
+
+from conftest import needs_llama_cpp
+from helpers import error_line, make_adapter, make_tiny_llama, run_script
+
+pytestmark = needs_llama_cpp
+# general.name / general.finetune come from folder names, which differ between the two paths by design
+NAMING_KEYS = {"general.name", "general.finetune", "GGUF.kv_count"}
+
+
+def direct(base, ckpts, out, *extra, check=True, env=None):
+    return run_script("merge_gguf.py", "--base", base, "--checkpoints-dir", ckpts, "--out", out, *extra,
+                      check=check, env=env)
+
+
+def two_step(base, ckpts, tmp, quant="q8_0", method="streaming"):
+    merged, out = tmp / f"merged-{method}", tmp / f"two-step-{method}.{quant}.gguf"
+    run_script("merge_lora.py", "--base", base, "--checkpoints-dir", ckpts, "--out", merged, "--method", method)
+    run_script("convert_gguf.py", "--model", merged, "--quant", quant, "--out", out, "--log", tmp / "c.log")
+    return out
+
+
+def tensors(path):
+    return {t.name: t for t in GGUFReader(path).tensors}
+
+
+def assert_same_gguf(a, b):
+    ra, rb = GGUFReader(a), GGUFReader(b)
+    ta, tb = {t.name: t for t in ra.tensors}, {t.name: t for t in rb.tensors}
+    assert sorted(ta) == sorted(tb)  # the order follows the shards each path read; llama.cpp looks up by name
+    for name in ta:
+        assert ta[name].tensor_type == tb[name].tensor_type, name
+        assert np.array_equal(ta[name].data, tb[name].data), name
+    keys = (set(ra.fields) | set(rb.fields)) - NAMING_KEYS
+    differing = [k for k in keys if k not in ra.fields or k not in rb.fields
+                 or str(ra.fields[k].contents()) != str(rb.fields[k].contents())]
+    assert differing == []
+
+
+def test_q8_0_is_byte_identical_to_gguf_py():
+    import merge_gguf
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 256)).astype(np.float32) * rng.choice([1e-30, 1e-3, 1.0, 1e4], (64, 1))
+    x[0] = 0.0  # an all-zero block: d = 0
+    x[1, :32] = np.arange(-16, 16) * (1.0 / 127)  # values landing on .5 ties after scaling
+    x[2, :32] = np.linspace(-127.5, 127.5, 32)
+    x[3, 5] = 65504.0 * 127  # d overflows fp16
+    ours = merge_gguf.q8_0(x)
+    assert ours.dtype == np.uint8 and ours.shape == (64, 256 // 32 * 34)
+    assert np.array_equal(ours, quantize(x, GGMLQuantizationType.Q8_0))
+
+
+@pytest.mark.parametrize("variant", ["plain", "dora", "resized_vocab", "embedding"])
+def test_direct_equals_two_step_spm(tiny_spm, tmp_path, variant):
+    base_dir, base_model, tok = tiny_spm
+    kwargs = {"plain": {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"]},
+              "dora": {"use_dora": True, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+              "resized_vocab": {"modules_to_save": ["embed_tokens", "lm_head"]},
+              "embedding": {"target_modules": ["embed_tokens", "q_proj"]}}[variant]
+    if variant == "resized_vocab":  # a fine-tune that added 3 tokens: embed_tokens and lm_head grow
+        base_model = copy.deepcopy(base_model)
+        base_model.resize_token_embeddings(base_model.config.vocab_size + 3)
+    make_adapter(base_model, tmp_path / "ckpts" / "a", **kwargs)
+    out = tmp_path / "direct.q8_0.gguf"
+    # a tiny row chunk, so the 32000-row embedding and output matrices are streamed in many pieces
+    direct(base_dir, tmp_path / "ckpts", out, env={"LORA_SHIP_ROW_CHUNK_BYTES": "40000"})
+    assert_same_gguf(out, two_step(base_dir, tmp_path / "ckpts", tmp_path))
+    if variant == "resized_vocab":
+        assert tensors(out)["token_embd.weight"].shape[1] == len(tok) + 3  # gguf shapes are reversed
+
+
+def test_direct_equals_two_step_bpe_bf16_sharded(tmp_path):
+    base_dir = tmp_path / "base"
+    base_model, _ = make_tiny_llama(base_dir, "bpe", dtype=torch.bfloat16, shard="2MB")
+    assert len(list(base_dir.glob("model-*.safetensors"))) > 1
+    make_adapter(base_model, tmp_path / "ckpts" / "a", target_modules=["q_proj", "v_proj", "up_proj"],
+                 use_rslora=True, modules_to_save=["lm_head"])
+    out = tmp_path / "direct.q8_0.gguf"
+    direct(base_dir, tmp_path / "ckpts", out, env={"LORA_SHIP_ROW_CHUNK_BYTES": "100000"})
+    assert_same_gguf(out, two_step(base_dir, tmp_path / "ckpts", tmp_path))
+
+
+def test_direct_within_one_q8_step_of_the_peft_reference(tiny_spm, tmp_path):
+    """PEFT's merge_and_unload + llama.cpp's converter, against ours: every q8_0 value within one step."""
+    base_dir, base_model, _ = tiny_spm
+    make_adapter(base_model, tmp_path / "ckpts" / "a", target_modules="all-linear")
+    out = tmp_path / "direct.q8_0.gguf"
+    direct(base_dir, tmp_path / "ckpts", out)
+    ours, ref = tensors(out), tensors(two_step(base_dir, tmp_path / "ckpts", tmp_path, method="peft"))
+    assert sorted(ours) == sorted(ref)
+    for name, t in ours.items():
+        a, b = dequantize(t.data, t.tensor_type), dequantize(ref[name].data, ref[name].tensor_type)
+        step = np.abs(b).reshape(-1, 32).max(axis=1).repeat(32).reshape(b.shape) / 127 if t.tensor_type.name == "Q8_0" \
+            else np.abs(b) * 1e-6
+        assert np.all(np.abs(a - b) <= step * 1.01 + 1e-12), name
+
+
+def test_direct_k_quant(tmp_path):
+    base_dir = tmp_path / "base"
+    base_model, _ = make_tiny_llama(base_dir, "spm", hidden=256)  # k-quants need rows of 256
+    make_adapter(base_model, tmp_path / "ckpts" / "a")
+    out = tmp_path / "out" / "model.Q4_K_M.gguf"
+    direct(base_dir, tmp_path / "ckpts", out, "--quant", "Q4_K_M", "--log", tmp_path / "q.log")
+    reader = GGUFReader(out)
+    assert reader.fields["general.file_type"].contents() == 15  # MOSTLY_Q4_K_M
+    assert "Q4_K" in {t.tensor_type.name for t in reader.tensors}
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # the f16 intermediate is gone
+
+
+def test_direct_non_finite_names_the_tensor_and_writes_nothing(tiny_spm, tmp_path):
+    make_adapter(tiny_spm[1], tmp_path / "ckpts" / "a")
+    st = tmp_path / "ckpts" / "a" / "adapter_model.safetensors"
+    t = load_file(st)
+    t[next(k for k in t if "layers.1.self_attn.v_proj.lora_B" in k)][0, 0] = float("nan")
+    save_file(t, st)
+    (tmp_path / "out").mkdir()
+    proc = direct(tiny_spm[0], tmp_path / "ckpts", tmp_path / "out" / "m.gguf", check=False)
+    assert proc.returncode == 1
+    assert "model.layers.1.self_attn.v_proj.weight" in error_line(proc) and "non-finite" in error_line(proc)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_direct_refuses_unknown_quant_and_missing_disk(tiny_spm, tmp_path):
+    make_adapter(tiny_spm[1], tmp_path / "ckpts" / "a")
+    proc = direct(tiny_spm[0], tmp_path / "ckpts", tmp_path / "x.gguf", "--quant", "q7_x", check=False)
+    assert proc.returncode == 1 and "unknown QUANT=q7_x" in error_line(proc)
+    proc = direct(tiny_spm[0], tmp_path / "ckpts", tmp_path / "x.gguf", check=False,
+                  env={"LORA_SHIP_FAKE_FREE_BYTES": "1000"})
+    assert proc.returncode == 1 and "not enough disk space" in error_line(proc)
+    assert not (tmp_path / "x.gguf").exists()
