@@ -76,7 +76,7 @@ endif
 MERGE_INPUTS := $(BASE_DIR) $(CHECKPOINT) $(MERGE_METHOD) $(sort $(USER_CHECKPOINTS)) $(FALLBACK_ARG)
 
 .PHONY: all help install vendor llamafile base merge quantize serve serve-bg stop chat train test clean \
-        generate bench-merge \
+        generate bench-merge eval \
         clean-vendor FORCE run-install-python-dependencies run-download-llamafile run-clone-repositories \
         run-merge-models run-quantize-llama-model
 
@@ -187,6 +187,9 @@ generate: $(if $(filter $(MERGED),$(MODEL)),$(MERGED)/config.json) | $(STAMP) ##
 
 bench-merge: $(BASE_DIR)/config.json $(CHECKPOINT_FILES) | $(LLAMA_SRC) $(STAMP) ## time + peak RSS: the seed's PEFT merge + convert vs ours; BENCH_MODEL=8b-random for a random 8B
 	$(PY) scripts/bench_merge.py $(MERGE_ARGS) --model $(BENCH_MODEL) --quant $(QUANT) --workdir $(OUT)/bench-merge
+
+eval: $(BASE_DIR)/config.json $(CHECKPOINT_FILES) | $(LLAMA_BIN)/llama-server $(STAMP) ## quality report on held-out tales: perplexity + KL of base, unmerged, merged, nf4, int8, GGUF f16/q8_0/Q4_K_M (out/eval/)
+	$(PY) scripts/eval_quality.py $(MERGE_ARGS) --dataset $(DATASET) --out $(OUT)/eval --llama-cpp $(LLAMA_CPP)
 
 # ---- checks and housekeeping ----
 test: $(STAMP) $(LLAMA_BIN)/llama-server ## run the test suite (tests/)

@@ -1,4 +1,5 @@
 """`make` end to end on the embedded SmolLM2 default, and the Makefile's error paths."""
+import json
 import os
 import subprocess
 
@@ -82,6 +83,28 @@ def test_gguf_distribution_matches_merged_hf_model(default_run):
     assert total >= 150
     assert agreement >= 0.90 and mean_kl < 0.02
     assert base_kl > 3 * mean_kl
+
+
+def test_make_eval_reports_what_merging_and_quantizing_cost(default_run):
+    out, _, args, _ = default_run
+    proc = make(*args, "eval")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (out / "eval" / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / "eval" / "report.md").read_text()
+    assert "| GGUF Q4_K_M | llama.cpp |" in table and "| GGUF Q4_K_M | llama.cpp |" in proc.stdout
+    r = json.loads((out / "eval" / "quality.json").read_text())
+    merged, unmerged = r["HF merged 16-bit (reference)"], r["HF base + adapter (unmerged)"]
+    assert merged["tokens"] >= 1000
+    # the merge changes nothing measurable; the adapter itself does
+    assert unmerged["kl"] < 1e-4 and abs(unmerged["ppl"] / merged["ppl"] - 1) < 1e-3
+    assert r["HF base"]["kl"] > 100 * unmerged["kl"]
+    # the same 16-bit merged model in two engines gives the same perplexity
+    assert abs(r["GGUF f16"]["ppl"] / merged["ppl"] - 1) < 0.01
+    # more bits, closer to 16-bit
+    assert r["GGUF q8_0"]["kl"] < r["GGUF Q4_K_M"]["kl"] and r["GGUF q8_0"]["top1"] > r["GGUF Q4_K_M"]["top1"]
+    assert abs(r["GGUF q8_0"]["ppl"] - r["GGUF f16"]["ppl"]) < abs(r["GGUF Q4_K_M"]["ppl"] - r["GGUF f16"]["ppl"])
+    assert r["HF merged int8"]["kl"] < r["HF merged nf4"]["kl"]
+    assert r["GGUF q8_0"]["bytes"] < r["GGUF f16"]["bytes"] and r["GGUF Q4_K_M"]["bytes"] < r["GGUF q8_0"]["bytes"]
 
 
 def test_second_make_does_nothing_again(default_run):
