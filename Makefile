@@ -10,6 +10,7 @@ BASE_MODEL       ?= smollm2
 CHECKPOINTS_DIR  ?= quantization/checkpoints
 CHECKPOINT       ?=
 DATASET          ?= data/grimm_stories.jsonl
+GUTENBERG_TXT    ?= https://www.gutenberg.org/cache/epub/2591/pg2591.txt
 QUANT            ?= q8_0
 MERGE_METHOD     ?= streaming
 KEEP_MERGED      ?=
@@ -39,7 +40,7 @@ GENERATE_ARGS    ?=
 BENCH_MODEL      ?= default
 PYTEST_ARGS      ?=
 
-HELP_VARS := BASE_MODEL CHECKPOINTS_DIR CHECKPOINT DATASET QUANT MERGE_METHOD HOST PORT API_KEY ALLOW_NO_KEY ENGINE \
+HELP_VARS := BASE_MODEL CHECKPOINTS_DIR CHECKPOINT DATASET GUTENBERG_TXT QUANT MERGE_METHOD HOST PORT API_KEY ALLOW_NO_KEY ENGINE \
   GPU_LAYERS CTX_SIZE PARALLEL SERVER_ARGS PROMPT OUT VENV TORCH_SPEC LLAMA_CPP_COMMIT LLAMA_CPP_REPO LLAMA_BACKEND \
   LLAMAFILE_VERSION LLAMAFILE_SHA256 DEMO_STEPS TRAIN_STEPS RUN_NAME LOAD MODEL GENERATE_ARGS KEEP_MERGED BENCH_MODEL
 
@@ -76,7 +77,7 @@ endif
 MERGE_INPUTS := $(BASE_DIR) $(CHECKPOINT) $(MERGE_METHOD) $(sort $(USER_CHECKPOINTS)) $(FALLBACK_ARG)
 
 .PHONY: all help install vendor llamafile base merge quantize serve serve-bg stop chat train test clean \
-        generate bench-merge eval \
+        generate bench-merge eval data \
         clean-vendor FORCE run-install-python-dependencies run-download-llamafile run-clone-repositories \
         run-merge-models run-quantize-llama-model
 
@@ -127,6 +128,10 @@ $(DEMO_CKPT)/adapter_config.json: $(BASE_DIR)/config.json $(DATASET) | $(STAMP)
 	@echo ">>> ($(DEMO_STEPS) steps, about 2 minutes on 2 cores). To merge your own, copy its folder"
 	@echo ">>> (adapter_config.json + adapter_model.safetensors) into $(CHECKPOINTS_DIR)/ and run make again."
 	$(PY) scripts/train_lora.py --base $(BASE_DIR) --dataset $(DATASET) --out $(DEMO_CKPT) --steps $(DEMO_STEPS)
+
+data: | $(STAMP) ## build out/data/grimm_stories.jsonl from Gutenberg #2591 (sha256-checked; GUTENBERG_TXT=local copy offline)
+	$(PY) scripts/make_data.py --source "$(GUTENBERG_TXT)" --out $(OUT)/data/grimm_stories.jsonl
+	@echo "use it with: make train DATASET=$(OUT)/data/grimm_stories.jsonl"
 
 train: $(BASE_DIR)/config.json | $(STAMP) ## fine-tune a LoRA on DATASET into CHECKPOINTS_DIR/RUN_NAME (TRAIN_STEPS steps)
 	$(PY) scripts/train_lora.py --base $(BASE_DIR) --dataset $(DATASET) --out $(CHECKPOINTS_DIR)/$(RUN_NAME) --steps $(TRAIN_STEPS)
