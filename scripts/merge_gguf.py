@@ -3,8 +3,8 @@
 
 llama.cpp's own converter (convert_hf_to_gguf.py at the pinned commit) does all the GGUF work: tensor names,
 the q/k permutation, metadata, tokenizer, which tensors stay F32. Only its tensor *source* is replaced: each
-tensor is read from the base and merged with the adapter (merge_lora.MergedSource) when the converter writes
-it, so one tensor is in memory at a time, and the embedding and output matrices are streamed in row chunks.
+tensor is read from the base and merged with the adapter (merge_lora.MergedSource) as the converter writes it
+(the next two prefetched), so a few tensors are in memory at a time; embedding and output go in row chunks.
 Its single-threaded numpy q8_0 is replaced by a multi-threaded torch one that gives the same bytes.
 
 The merged weights are rounded to the base's dtype before quantizing, exactly as the two-step path
