@@ -36,13 +36,15 @@ LLAMAFILE_SHA256 ?=
 DEMO_STEPS       ?= 20
 TRAIN_STEPS      ?= 30
 RUN_NAME         ?= grimm-lora
+EVAL_EVERY       ?= 10
+SAVE_EVERY       ?= 10
 GENERATE_ARGS    ?=
 BENCH_MODEL      ?= default
 PYTEST_ARGS      ?=
 
 HELP_VARS := BASE_MODEL CHECKPOINTS_DIR CHECKPOINT DATASET GUTENBERG_TXT QUANT MERGE_METHOD HOST PORT API_KEY ALLOW_NO_KEY ENGINE \
   GPU_LAYERS CTX_SIZE PARALLEL SERVER_ARGS PROMPT OUT VENV TORCH_SPEC LLAMA_CPP_COMMIT LLAMA_CPP_REPO LLAMA_BACKEND \
-  LLAMAFILE_VERSION LLAMAFILE_SHA256 DEMO_STEPS TRAIN_STEPS RUN_NAME LOAD MODEL GENERATE_ARGS KEEP_MERGED BENCH_MODEL
+  LLAMAFILE_VERSION LLAMAFILE_SHA256 DEMO_STEPS TRAIN_STEPS RUN_NAME EVAL_EVERY SAVE_EVERY LOAD MODEL GENERATE_ARGS KEEP_MERGED BENCH_MODEL
 
 # ---- derived paths ----
 PY        := $(VENV)/bin/python
@@ -133,8 +135,9 @@ data: | $(STAMP) ## build out/data/grimm_stories.jsonl from Gutenberg #2591 (sha
 	$(PY) scripts/make_data.py --source "$(GUTENBERG_TXT)" --out $(OUT)/data/grimm_stories.jsonl
 	@echo "use it with: make train DATASET=$(OUT)/data/grimm_stories.jsonl"
 
-train: $(BASE_DIR)/config.json | $(STAMP) ## fine-tune a LoRA on DATASET into CHECKPOINTS_DIR/RUN_NAME (TRAIN_STEPS steps)
-	$(PY) scripts/train_lora.py --base $(BASE_DIR) --dataset $(DATASET) --out $(CHECKPOINTS_DIR)/$(RUN_NAME) --steps $(TRAIN_STEPS)
+train: $(BASE_DIR)/config.json | $(STAMP) ## fine-tune a LoRA on DATASET into CHECKPOINTS_DIR/RUN_NAME (TRAIN_STEPS steps; an interrupted run resumes)
+	$(PY) scripts/train_lora.py --base $(BASE_DIR) --dataset $(DATASET) --out $(CHECKPOINTS_DIR)/$(RUN_NAME) --steps $(TRAIN_STEPS) \
+	  --eval-every $(EVAL_EVERY) --save-every $(SAVE_EVERY)
 
 $(OUT)/.merge-inputs: FORCE
 	@mkdir -p $(@D); echo '$(MERGE_INPUTS)' | cmp -s - $@ || echo '$(MERGE_INPUTS)' > $@

@@ -6,14 +6,18 @@ the chat template it was trained with, the training arguments and the metrics, s
 as it is. On CPU this is the small demo run `make` does when quantization/checkpoints/ is empty.
 
 Each tale becomes one chat: the user asks for the tale by title, the assistant tells it. Loss is taken
-on the assistant's tokens only; the held-out tales (see tales.py) give the eval loss.
+on the assistant's tokens only; the held-out tales (see tales.py) give the eval loss, at the end and every
+--eval-every steps. With --save-every N the run state (adapter, optimizer, random generators, data order) is
+saved every N steps beside --out; a run that was interrupted resumes from there with the same command.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,13 +28,19 @@ from tales import FALLBACK_CHAT_TEMPLATE, chat_messages, load_tales, split_tales
 
 
 def encode(tok, tale: dict, seq_len: int) -> dict:
-    """Token ids of one chat and labels that ignore (-100) everything but the assistant's answer."""
+    """Token ids of one chat and labels that ignore (-100) everything but the assistant's answer.
+
+    The prompt is tokenized on its own and the answer after it, as at serving time (the server tokenizes the
+    prompt, the model writes the rest): tokenizing the whole chat at once can merge the prompt's last token
+    with the answer's first (a BPE "Assistant: " + "Once" -> " Once")."""
     messages = chat_messages(tale)
-    prompt = tok.apply_chat_template(messages[:1], add_generation_prompt=True, tokenize=True)
-    full = tok.apply_chat_template(messages, tokenize=True)
-    if full[: len(prompt)] != prompt:
+    prompt_text = tok.apply_chat_template(messages[:1], add_generation_prompt=True, tokenize=False)
+    full_text = tok.apply_chat_template(messages, tokenize=False)
+    if not full_text.startswith(prompt_text):
         raise UserError("the chat template does not render the prompt as a prefix of the full chat")
-    full = full[:seq_len]
+    prompt = tok(prompt_text, add_special_tokens=False)["input_ids"]
+    answer = tok(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
+    full = (prompt + answer)[:seq_len]
     labels = [-100] * min(len(prompt), len(full)) + full[len(prompt):]
     return {"input_ids": full, "labels": labels}
 
@@ -68,6 +78,41 @@ def eval_loss(model, examples: list[dict], pad_id: int, batch_size: int) -> floa
     return total / max(count, 1)
 
 
+RESUME_ARGS = ("base", "dataset", "steps", "batch_size", "seq_len", "lr", "r", "alpha", "dropout",
+               "target_modules", "seed")
+
+
+def resume_dir(out: Path) -> Path:
+    return out.with_name(f".{out.name}.resume")
+
+
+def save_state(path: Path, model, optim, step: int, order: list, losses: list, tokens: int, evals: list,
+               args) -> None:
+    """Everything needed to continue exactly where this step ended, written atomically."""
+    import torch
+    from peft import get_peft_model_state_dict
+    with atomic_dir(path) as tmp:
+        torch.save({"adapter": get_peft_model_state_dict(model), "optim": optim.state_dict(), "step": step,
+                    "order": order, "losses": losses, "tokens": tokens, "evals": evals,
+                    "torch_rng": torch.get_rng_state(), "py_rng": random.getstate(),
+                    "args": {k: str(getattr(args, k)) for k in RESUME_ARGS}}, tmp / "state.pt")
+
+
+def load_state(path: Path, model, optim, args) -> dict | None:
+    import torch
+    from peft import set_peft_model_state_dict
+    if not (path / "state.pt").exists():
+        return None
+    state = torch.load(path / "state.pt", weights_only=False)
+    if state["args"] != {k: str(getattr(args, k)) for k in RESUME_ARGS}:
+        raise UserError(f"{path} holds an interrupted run with other settings: remove it to start afresh")
+    set_peft_model_state_dict(model, state["adapter"])
+    optim.load_state_dict(state["optim"])
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate(state["py_rng"])
+    return state
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", type=Path, required=True, help="base model folder (Hugging Face format)")
@@ -83,6 +128,9 @@ def main() -> None:
     p.add_argument("--target-modules", default="q_proj,v_proj", help="comma-separated module names")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: all cores)")
+    p.add_argument("--eval-every", type=int, default=0, help="held-out eval loss every N steps (0: end only)")
+    p.add_argument("--save-every", type=int, default=0,
+                   help="save a resumable state every N steps (0: never); a rerun continues from it")
     args = p.parse_args()
     if args.steps < 1 or args.batch_size < 1 or args.seq_len < 16:
         raise UserError("--steps and --batch-size must be >= 1 and --seq-len >= 16")
@@ -116,8 +164,14 @@ def main() -> None:
     start_eval = eval_loss(model, held, pad_id, args.batch_size)
 
     order: list[int] = []
-    losses, tokens, t0 = [], 0, time.perf_counter()
-    bar = tqdm(range(args.steps), desc="training", disable=None)
+    losses, tokens, evals, first = [], 0, [], 0
+    if state := load_state(resume_dir(args.out), model, optim, args):
+        order, losses, tokens, evals, first = (state["order"], state["losses"], state["tokens"], state["evals"],
+                                               state["step"])
+        log(f"resuming the interrupted run from step {first} ({resume_dir(args.out)})")
+    interrupt_at = int(os.environ.get("LORA_SHIP_INTERRUPT_AT_STEP", 0))  # for the resume test
+    t0, tokens0 = time.perf_counter(), tokens
+    bar = tqdm(range(first, args.steps), desc="training", disable=None, initial=first, total=args.steps)
     for step in bar:
         if len(order) < args.batch_size:
             order += random.sample(range(len(train)), len(train))
@@ -131,18 +185,27 @@ def main() -> None:
         optim.zero_grad(set_to_none=True)
         losses.append(loss.item())
         tokens += int(mask.sum())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{(tokens - tokens0) / (time.perf_counter() - t0):.0f}")
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            evals.append((step + 1, eval_loss(model, held, pad_id, args.batch_size)))
+            bar.write(f"step {step + 1}: held-out eval loss {evals[-1][1]}")
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            save_state(resume_dir(args.out), model, optim, step + 1, order, losses, tokens, evals, args)
+        if step + 1 == interrupt_at:
+            raise KeyboardInterrupt
     seconds = time.perf_counter() - t0
     end_eval = eval_loss(model, held, pad_id, args.batch_size)
     metrics = {"steps": args.steps, "train_loss_first": losses[0], "train_loss_last": losses[-1],
-               "eval_loss_before": start_eval, "eval_loss_after": end_eval, "train_tokens": tokens,
-               "seconds": round(seconds, 1), "tokens_per_second": round(tokens / seconds, 1)}
+               "eval_loss_before": start_eval, "eval_loss_after": end_eval, "eval_history": evals,
+               "train_tokens": tokens,
+               "seconds": round(seconds, 1), "tokens_per_second": round((tokens - tokens0) / seconds, 1)}
     with atomic_dir(args.out) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "training_args.json").write_text(json.dumps(
             {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, indent=2) + "\n")
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    shutil.rmtree(resume_dir(args.out), ignore_errors=True)
     log(f"checkpoint written to {args.out}: loss {losses[0]:.3f} -> {losses[-1]:.3f}, eval "
         f"{start_eval if start_eval is None else round(start_eval, 3)} -> "
         f"{end_eval if end_eval is None else round(end_eval, 3)}, {seconds:.0f} s")
