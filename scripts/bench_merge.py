@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, UserError, run_main  # noqa: E402
+from common import ROOT, UserError, add_checkpoint_args, run_main  # noqa: E402
 
 
 def timed(cmd: list[str], logpath: Path) -> tuple[float, float]:
@@ -37,10 +37,7 @@ def timed(cmd: list[str], logpath: Path) -> tuple[float, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", type=Path, default=ROOT / "out" / "base" / "smollm2", help="base model folder")
-    p.add_argument("--checkpoints-dir", type=Path, default=ROOT / "quantization" / "checkpoints")
-    p.add_argument("--checkpoint", default=None, help="which checkpoint (a name inside --checkpoints-dir, or a path)")
-    p.add_argument("--fallback", type=Path, default=ROOT / "out" / "demo-checkpoint",
-                   help="checkpoint to use when --checkpoints-dir is empty")
+    add_checkpoint_args(p, ROOT / "quantization" / "checkpoints", ROOT / "out" / "demo-checkpoint")
     p.add_argument("--model", choices=["default", "8b-random"], default="default",
                    help="8b-random: a random Llama-3.1-8B-shaped base and seed-style adapter, built in --workdir "
                         "(the --base folder lends its tokenizer)")

@@ -31,6 +31,20 @@ def run_main(main: Callable[[], int | None]) -> None:
         sys.exit(130)
 
 
+def add_checkpoint_args(p, checkpoints_dir: Path, fallback: Path | None = None) -> None:
+    """--checkpoints-dir, --checkpoint and --fallback: how every script picks the checkpoint (see
+    checkpoints.select_checkpoint, which takes the three values)."""
+    p.add_argument("--checkpoints-dir", type=Path, default=checkpoints_dir,
+                   help="folder holding the checkpoint (default: %(default)s)")
+    p.add_argument("--checkpoint", default=None, help="which checkpoint (a name inside --checkpoints-dir, or a path)")
+    p.add_argument("--fallback", type=Path, default=fallback, help="checkpoint to use when --checkpoints-dir is empty")
+
+
+def require_base(base: Path) -> None:
+    if not (Path(base) / "config.json").exists():
+        raise UserError(f"base model folder {base} has no config.json (run 'make base' or check BASE_MODEL)")
+
+
 def log(msg: str) -> None:
     print(f"[{Path(sys.argv[0]).stem}] {msg}", flush=True)
 

@@ -25,13 +25,17 @@ QUANTIZE_TYPES = {  # llama-quantize types, with approximate bytes per weight fo
     "Q6_K": 0.82, "IQ4_NL": 0.57, "IQ4_XS": 0.54, "TQ1_0": 0.21, "TQ2_0": 0.26}
 
 
-def run(cmd: list[str], what: str, logpath: Path) -> None:
+def run(cmd: list, what: str, logpath: Path) -> str:
+    """Run a tool with its output appended to logpath (key lines echoed); return that output."""
     logpath.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
     with open(logpath, "a") as logf:
-        print("$ " + " ".join(cmd), file=logf, flush=True)
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        print("$ " + " ".join(map(str, cmd)), file=logf, flush=True)
+        proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                bufsize=1)
         for line in proc.stdout:
             logf.write(line)
+            lines.append(line)
             if line.startswith(("INFO:hf-to-gguf:Model successfully", "main: quantize time", "ERROR", "Traceback")):
                 print("  " + line.rstrip(), flush=True)
         rc = proc.wait()
@@ -39,6 +43,17 @@ def run(cmd: list[str], what: str, logpath: Path) -> None:
         tail = logpath.read_text(errors="replace").splitlines()[-12:]
         print("\n".join(tail), file=sys.stderr)
         raise UserError(f"{what} failed (exit {rc}); full log: {logpath}")
+    return "".join(lines)
+
+
+def via_16bit(write_16bit, key: str, out: Path, quantize: Path, logpath: Path) -> None:
+    """llama-quantize types: write_16bit(path) makes an f16 GGUF beside `out`, quantized into `out`, then deleted."""
+    mid = out.with_name(out.name + ".f16")
+    try:
+        write_16bit(mid)
+        run([quantize, mid, out, key, os.cpu_count() or 1], "llama-quantize", logpath)
+    finally:
+        mid.unlink(missing_ok=True)
 
 
 def quant_key(quant: str) -> str:
@@ -73,14 +88,9 @@ def convert(model: Path, quant: str, out: Path, llama_cpp: Path, logpath: Path) 
         else:
             if not quantize.exists():
                 raise UserError(f"{quantize} not found: run 'make vendor' first")
-            mid = tmp.with_name(tmp.name + ".f16")
-            try:
-                log(f"converting {model} to a 16-bit GGUF, then quantizing to {key} ...")
-                run([sys.executable, str(converter), str(model), "--outtype", "f16", "--outfile", str(mid)],
-                    "convert_hf_to_gguf.py", logpath)
-                run([str(quantize), str(mid), str(tmp), key, str(os.cpu_count() or 1)], "llama-quantize", logpath)
-            finally:
-                mid.unlink(missing_ok=True)
+            log(f"converting {model} to a 16-bit GGUF, then quantizing to {key} ...")
+            via_16bit(lambda mid: run([sys.executable, converter, model, "--outtype", "f16", "--outfile", mid],
+                                      "convert_hf_to_gguf.py", logpath), key, tmp, quantize, logpath)
     log(f"wrote {out} ({human_bytes(out.stat().st_size)}) in {time.perf_counter() - start:.1f} s")
 
 

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, UserError, atomic_file, log, run_main  # noqa: E402
+from common import ROOT, UserError, add_checkpoint_args, atomic_file, log, run_main  # noqa: E402
+from convert_gguf import run  # noqa: E402
 
 
 def held_out_text(dataset: Path) -> str:
@@ -28,16 +29,6 @@ def held_out_text(dataset: Path) -> str:
     if not held:
         raise UserError(f"{dataset} has no held-out tales to evaluate on")
     return "\n\n".join(f"{t['title']}\n\n{t['story']}" for t in held)
-
-
-def run(cmd: list, logpath: Path) -> str:
-    with open(logpath, "a") as logf:
-        print("$ " + " ".join(map(str, cmd)), file=logf, flush=True)
-        proc = subprocess.run(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        logf.write(proc.stdout)
-    if proc.returncode != 0:
-        raise UserError(f"{Path(str(cmd[0])).name} {cmd[1] if len(cmd) > 1 else ''} failed; log: {logpath}")
-    return proc.stdout
 
 
 class Scorer:
@@ -94,16 +85,17 @@ def gguf_forms(args, ckpt: Path, text_file: Path, work: Path, n_chunks: int, log
     for quant in ("f16", "q8_0"):
         log(f"GGUF {quant} ...")
         run([py, scripts / "merge_gguf.py", "--base", args.base, "--checkpoint", ckpt.resolve(), "--quant", quant,
-             "--out", files[quant], "--llama-cpp", args.llama_cpp], logpath)
-    run([bin_dir / "llama-quantize", files["f16"], files["Q4_K_M"], "Q4_K_M"], logpath)
+             "--out", files[quant], "--llama-cpp", args.llama_cpp], f"merge_gguf.py --quant {quant}", logpath)
+    run([bin_dir / "llama-quantize", files["f16"], files["Q4_K_M"], "Q4_K_M"], "llama-quantize", logpath)
     common = ["-f", text_file, "--ctx-size", args.ctx, "--chunks", n_chunks, "--batch-size", args.ctx,
-              "--threads", str(__import__("os").cpu_count() or 1)]
+              "--threads", os.cpu_count() or 1]
     kld = work / "f16.kld"
     results = {}
     for quant, path in files.items():
         log(f"llama-perplexity on {quant} ...")
         extra = ["--kl-divergence-base", kld] + (["--kl-divergence"] if quant != "f16" else [])
-        out = parse_perplexity(run([bin_dir / "llama-perplexity", "-m", path, *common, *extra], logpath))
+        out = parse_perplexity(run([bin_dir / "llama-perplexity", "-m", path, *common, *extra],
+                                   f"llama-perplexity on {quant}", logpath))
         results[f"GGUF {quant}"] = {**out, "engine": "llama.cpp", "bytes": path.stat().st_size}
     kld.unlink(missing_ok=True)
     return results
@@ -117,7 +109,7 @@ def hf_forms(args, ckpt: Path, ids: list[int], logpath: Path) -> dict:
     merged = args.out / "merged"
     log("merging (Transformers reference) ...")
     run([sys.executable, ROOT / "scripts" / "merge_lora.py", "--base", args.base, "--checkpoint", ckpt.resolve(),
-         "--out", merged], logpath)
+         "--out", merged], "merge_lora.py", logpath)
     scorer = Scorer(ids, args.ctx)
     forms = [("HF merged 16-bit (reference)", merged, None, "16bit"), ("HF base", args.base, None, "16bit"),
              ("HF base + adapter (unmerged)", args.base, ckpt, "16bit"), ("HF merged nf4", merged, None, "nf4"),
@@ -183,9 +175,7 @@ def chart(results: dict, path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", required=True, type=Path, help="base model folder (Hugging Face format)")
-    p.add_argument("--checkpoints-dir", type=Path, default=ROOT / "quantization" / "checkpoints")
-    p.add_argument("--checkpoint", default=None, help="which checkpoint (a name inside --checkpoints-dir, or a path)")
-    p.add_argument("--fallback", type=Path, default=None, help="checkpoint to use when --checkpoints-dir is empty")
+    add_checkpoint_args(p, ROOT / "quantization" / "checkpoints")
     p.add_argument("--dataset", type=Path, default=ROOT / "data" / "grimm_stories.jsonl")
     p.add_argument("--out", type=Path, default=ROOT / "out" / "eval", help="folder for the report and models")
     p.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default: %(default)s)")

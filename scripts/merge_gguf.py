@@ -24,8 +24,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, UserError, atomic_file, human_bytes, log, require_free_space, run_main  # noqa: E402
-from convert_gguf import CONVERTER_TYPES, QUANTIZE_TYPES, quant_key, run  # noqa: E402
+from common import (  # noqa: E402
+    ROOT, UserError, add_checkpoint_args, atomic_file, human_bytes, log, require_base, require_free_space, run_main)
+from convert_gguf import CONVERTER_TYPES, QUANTIZE_TYPES, quant_key, via_16bit  # noqa: E402
 
 # float32 bytes per row chunk of a streamed tensor (tests set it small to exercise the chunking)
 ROW_CHUNK_BYTES = int(os.environ.get("LORA_SHIP_ROW_CHUNK_BYTES", 128 << 20))
@@ -223,10 +224,7 @@ def write_gguf(source, outtype: str, out: Path, llama_cpp: Path, model_name: str
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", required=True, type=Path, help="base model folder (Hugging Face format)")
-    p.add_argument("--checkpoints-dir", type=Path, default=Path("quantization/checkpoints"),
-                   help="folder holding the checkpoint (default: %(default)s)")
-    p.add_argument("--checkpoint", default=None, help="which checkpoint (a name inside --checkpoints-dir, or a path)")
-    p.add_argument("--fallback", type=Path, default=None, help="checkpoint to use when --checkpoints-dir is empty")
+    add_checkpoint_args(p, Path("quantization/checkpoints"))
     p.add_argument("--quant", default="q8_0", help="q8_0 (default), f16, bf16, f32, or Q4_K_M, Q6_K, ...")
     p.add_argument("--out", required=True, type=Path, help="GGUF file to write")
     p.add_argument("--llama-cpp", type=Path, default=ROOT / "vendor" / "llama.cpp", help="llama.cpp folder")
@@ -237,8 +235,7 @@ def main() -> None:
     from merge_lora import MergedSource
 
     key = quant_key(args.quant)
-    if not (args.base / "config.json").exists():
-        raise UserError(f"base model folder {args.base} has no config.json (run 'make base' or check BASE_MODEL)")
+    require_base(args.base)
     quantize = args.llama_cpp / "build" / "bin" / "llama-quantize"
     if key in QUANTIZE_TYPES and not quantize.exists():
         raise UserError(f"{quantize} not found: run 'make vendor' first")
@@ -253,12 +250,8 @@ def main() -> None:
         if key in CONVERTER_TYPES:
             write_gguf(source, key, tmp, args.llama_cpp, ckpt.name)
         else:
-            mid = tmp.with_name(tmp.name + ".f16")
-            try:
-                write_gguf(source, "f16", mid, args.llama_cpp, ckpt.name)
-                run([str(quantize), str(mid), str(tmp), key, str(os.cpu_count() or 1)], "llama-quantize", args.log)
-            finally:
-                mid.unlink(missing_ok=True)
+            via_16bit(lambda mid: write_gguf(source, "f16", mid, args.llama_cpp, ckpt.name), key, tmp, quantize,
+                      args.log)
     log(f"wrote {args.out} ({human_bytes(args.out.stat().st_size)}) in {time.perf_counter() - start:.1f} s")
 
 

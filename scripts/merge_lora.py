@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import UserError, atomic_dir, human_bytes, log, require_free_space, run_main  # noqa: E402
+from common import (  # noqa: E402
+    UserError, add_checkpoint_args, atomic_dir, human_bytes, log, require_base, require_free_space, run_main)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "chat_template.json", "added_tokens.json", "vocab.json", "merges.txt")
@@ -265,10 +266,7 @@ def provenance(base_dir: Path, ckpt: Path, cfg: dict, method: str, n_lora, n_rep
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", required=True, type=Path, help="base model folder (Hugging Face format)")
-    p.add_argument("--checkpoints-dir", type=Path, default=Path("quantization/checkpoints"),
-                   help="folder holding the checkpoint (default: %(default)s)")
-    p.add_argument("--checkpoint", default=None, help="which checkpoint (a name inside --checkpoints-dir, or a path)")
-    p.add_argument("--fallback", type=Path, default=None, help="checkpoint to use when --checkpoints-dir is empty")
+    add_checkpoint_args(p, Path("quantization/checkpoints"))
     p.add_argument("--out", required=True, type=Path, help="output folder for the merged model")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="dtype of the merged weights (default: the base's)")
@@ -278,8 +276,7 @@ def main() -> None:
 
     from checkpoints import select_checkpoint
 
-    if not (args.base / "config.json").exists():
-        raise UserError(f"base model folder {args.base} has no config.json (run 'make base' or check BASE_MODEL)")
+    require_base(args.base)
     ckpt = select_checkpoint(args.checkpoints_dir, args.checkpoint, args.fallback)
     log(f"merging {ckpt} into {args.base} ({args.method})")
     start = time.perf_counter()
