@@ -34,7 +34,10 @@ LLAMA_BACKEND    ?= auto
 LLAMAFILE_VERSION ?= 0.9.3
 LLAMAFILE_SHA256 ?=
 DEMO_STEPS       ?= 20
-TRAIN_STEPS      ?= 30
+TRAIN_STEPS      ?=
+RECIPE           ?= auto
+NPROC            ?= 1
+TRAIN_ARGS       ?=
 RUN_NAME         ?= grimm-lora
 EVAL_EVERY       ?= 10
 SAVE_EVERY       ?= 10
@@ -44,7 +47,7 @@ PYTEST_ARGS      ?=
 
 HELP_VARS := BASE_MODEL CHECKPOINTS_DIR CHECKPOINT DATASET GUTENBERG_TXT QUANT MERGE_METHOD HOST PORT API_KEY ALLOW_NO_KEY ENGINE \
   GPU_LAYERS CTX_SIZE PARALLEL SERVER_ARGS PROMPT OUT VENV TORCH_SPEC LLAMA_CPP_COMMIT LLAMA_CPP_REPO LLAMA_BACKEND \
-  LLAMAFILE_VERSION LLAMAFILE_SHA256 DEMO_STEPS TRAIN_STEPS RUN_NAME EVAL_EVERY SAVE_EVERY LOAD MODEL GENERATE_ARGS KEEP_MERGED BENCH_MODEL
+  LLAMAFILE_VERSION LLAMAFILE_SHA256 DEMO_STEPS TRAIN_STEPS RECIPE NPROC TRAIN_ARGS RUN_NAME EVAL_EVERY SAVE_EVERY LOAD MODEL GENERATE_ARGS KEEP_MERGED BENCH_MODEL
 
 # ---- derived paths ----
 PY        := $(VENV)/bin/python
@@ -79,7 +82,7 @@ endif
 MERGE_INPUTS := $(BASE_DIR) $(CHECKPOINT) $(MERGE_METHOD) $(sort $(USER_CHECKPOINTS)) $(FALLBACK_ARG)
 
 .PHONY: all help install vendor llamafile base merge quantize serve serve-bg stop chat train test clean \
-        generate bench-merge eval data \
+        generate bench-merge bench-train eval data \
         clean-vendor FORCE run-install-python-dependencies run-download-llamafile run-clone-repositories \
         run-merge-models run-quantize-llama-model
 
@@ -135,9 +138,14 @@ data: | $(STAMP) ## build out/data/grimm_stories.jsonl from Gutenberg #2591 (sha
 	$(PY) scripts/make_data.py --source "$(GUTENBERG_TXT)" --out $(OUT)/data/grimm_stories.jsonl
 	@echo "use it with: make train DATASET=$(OUT)/data/grimm_stories.jsonl"
 
-train: $(BASE_DIR)/config.json | $(STAMP) ## fine-tune a LoRA on DATASET into CHECKPOINTS_DIR/RUN_NAME (TRAIN_STEPS steps; an interrupted run resumes)
-	$(PY) scripts/train_lora.py --base $(BASE_DIR) --dataset $(DATASET) --out $(CHECKPOINTS_DIR)/$(RUN_NAME) --steps $(TRAIN_STEPS) \
-	  --eval-every $(EVAL_EVERY) --save-every $(SAVE_EVERY)
+# NPROC > 1: data-parallel over NPROC GPUs with torchrun (DDP); the global batch stays the recipe's.
+TRAIN_LAUNCH = $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC),$(PY))
+train: $(BASE_DIR)/config.json | $(STAMP) ## fine-tune a LoRA on DATASET into CHECKPOINTS_DIR/RUN_NAME (RECIPE: seed QLoRA on a GPU, cpu otherwise, fast; NPROC GPUs; an interrupted run resumes)
+	$(TRAIN_LAUNCH) scripts/train_lora.py --base $(BASE_DIR) --dataset $(DATASET) --out $(CHECKPOINTS_DIR)/$(RUN_NAME) \
+	  --recipe $(RECIPE) $(if $(TRAIN_STEPS),--steps $(TRAIN_STEPS)) --eval-every $(EVAL_EVERY) --save-every $(SAVE_EVERY) $(TRAIN_ARGS)
+
+bench-train: $(BASE_DIR)/config.json | $(STAMP) ## tokens/s, peak GPU memory, held-out loss: the seed's QLoRA vs ours, lever by lever; BENCH_MODEL=8b-random
+	$(PY) scripts/bench_train.py --base $(BASE_DIR) --dataset $(DATASET) --model $(BENCH_MODEL)
 
 $(OUT)/.merge-inputs: FORCE
 	@mkdir -p $(@D); echo '$(MERGE_INPUTS)' | cmp -s - $@ || echo '$(MERGE_INPUTS)' > $@

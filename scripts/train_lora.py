@@ -13,6 +13,7 @@ saved every N steps beside --out; a run that was interrupted resumes from there 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -59,7 +60,7 @@ def collate(batch: list[dict], pad_id: int):
     return ids, labels, mask
 
 
-def eval_loss(model, examples: list[dict], pad_id: int, batch_size: int) -> float | None:
+def eval_loss(model, examples: list[dict], pad_id: int, batch_size: int, device) -> float | None:
     import torch
     if not examples:
         return None
@@ -67,7 +68,7 @@ def eval_loss(model, examples: list[dict], pad_id: int, batch_size: int) -> floa
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(examples), batch_size):
-            ids, labels, mask = collate(examples[i:i + batch_size], pad_id)
+            ids, labels, mask = (t.to(device) for t in collate(examples[i:i + batch_size], pad_id))
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
             target = labels[:, 1:]
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
@@ -78,8 +79,23 @@ def eval_loss(model, examples: list[dict], pad_id: int, batch_size: int) -> floa
     return total / max(count, 1)
 
 
-RESUME_ARGS = ("base", "dataset", "steps", "batch_size", "seq_len", "lr", "r", "alpha", "dropout",
-               "target_modules", "seed")
+RESUME_ARGS = ("base", "dataset", "steps", "batch_size", "grad_accum", "seq_len", "lr", "r", "alpha", "dropout",
+               "target_modules", "seed", "load", "optim", "world_size")
+
+# Training set-ups; --recipe picks one (auto: seed on a CUDA GPU, cpu otherwise) and any flag overrides a value.
+RECIPES = {
+    # plain LoRA on an fp32 model: the small demo run `make` does on a CPU
+    "cpu": dict(load="fp32", batch_size=4, grad_accum=1, seq_len=256, lr=2e-4, steps=30, optim="adamw",
+                gradient_checkpointing=False, compile=False),
+    # the seed's QLoRA (seed 002): nf4 base with double quantization and bf16 compute, paged 8-bit AdamW,
+    # gradient checkpointing; fits an 8B model in about 15 GiB of GPU memory
+    "seed": dict(load="nf4", batch_size=6, grad_accum=4, seq_len=512, lr=1e-4, steps=500, optim="paged_adamw_8bit",
+                 gradient_checkpointing=True, compile=False),
+    # the same global batch, lr and LoRA, several times faster where the 16-bit base fits in GPU memory
+    # (8B: ~35 GiB): no nf4 dequantization in every matmul, no recomputed forward pass, compiled layers
+    "fast": dict(load="bf16", batch_size=6, grad_accum=4, seq_len=512, lr=1e-4, steps=500, optim="adamw",
+                 gradient_checkpointing=False, compile=True),
+}
 
 
 def resume_dir(out: Path) -> Path:
@@ -103,7 +119,7 @@ def load_state(path: Path, model, optim, args) -> dict | None:
     from peft import set_peft_model_state_dict
     if not (path / "state.pt").exists():
         return None
-    state = torch.load(path / "state.pt", weights_only=False)
+    state = torch.load(path / "state.pt", weights_only=False, map_location="cpu")
     if state["args"] != {k: str(getattr(args, k)) for k in RESUME_ARGS}:
         raise UserError(f"{path} holds an interrupted run with other settings: remove it to start afresh")
     set_peft_model_state_dict(model, state["adapter"])
@@ -113,15 +129,106 @@ def load_state(path: Path, model, optim, args) -> dict | None:
     return state
 
 
-def main() -> None:
+class Distributed:
+    """This process's place in a torchrun launch (WORLD_SIZE, RANK, LOCAL_RANK), or a single process."""
+
+    def __init__(self):
+        import torch
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank = int(os.environ.get("RANK", 0))
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", local)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        if self.world > 1:
+            torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.main = self.rank == 0
+
+    def sum(self, value: float) -> float:
+        import torch
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return float(t)
+
+    def barrier(self) -> None:
+        import torch
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def close(self) -> None:
+        import torch
+        if self.world > 1:
+            torch.distributed.destroy_process_group()
+
+
+def load_model(args, device):
+    """The base in the precision the recipe asks for, with LoRA layers on args.target_modules."""
+    import logging
+
+    import torch
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU-kernel notice, on import by peft
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    ckpt_kwargs = {"use_reentrant": False}  # the re-entrant variant breaks DDP and frozen inputs
+    if args.load == "nf4":
+        from peft import prepare_model_for_kbit_training
+        from transformers import BitsAndBytesConfig
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(args.base, quantization_config=bnb, dtype=torch.bfloat16,
+                                                     device_map={"": device})
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=ckpt_kwargs)
+    else:
+        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.load]
+        model = AutoModelForCausalLM.from_pretrained(args.base, dtype=dtype).to(device)
+        if args.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+            model.enable_input_require_grads()
+    model.config.use_cache = False
+    lora = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, bias="none",
+                      task_type="CAUSAL_LM", target_modules=args.target_modules.split(","))
+    model = get_peft_model(model, lora)
+    if args.compile:
+        # regional compilation: the decoder layers are alike, so one compiled graph serves all of them
+        for layer in model.get_base_model().model.layers:
+            layer.compile()
+    model.train()
+    return model
+
+
+def make_optimizer(args, params, device):
+    import torch
+    # weight decay 0, as the seed's Trainer had it
+    if args.optim == "paged_adamw_8bit":
+        import bitsandbytes as bnb
+        return bnb.optim.PagedAdamW8bit(params, lr=args.lr, weight_decay=0.0)
+    return torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=device.type == "cuda")
+
+
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", type=Path, required=True, help="base model folder (Hugging Face format)")
     p.add_argument("--dataset", type=Path, required=True, help="JSONL of {\"title\", \"story\"}")
     p.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
-    p.add_argument("--steps", type=int, default=30, help="optimizer steps (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per example (longer tales are cut)")
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--recipe", choices=["auto", *RECIPES], default="auto",
+                   help="default values: seed (QLoRA, seed 002) on a CUDA GPU, cpu otherwise; fast = bf16 base, "
+                        "no gradient checkpointing (needs memory for the 16-bit base)")
+    p.add_argument("--steps", type=int, help="optimizer steps (recipe: cpu 30, seed/fast 500)")
+    p.add_argument("--batch-size", type=int, help="sequences per micro-batch on each device (cpu 4, else 6)")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (cpu 1, else 4); with "
+                   "NPROC processes each does grad-accum / NPROC of them, so the global batch stays the same")
+    p.add_argument("--seq-len", type=int, help="tokens per example, longer tales are cut (cpu 256, else 512)")
+    p.add_argument("--lr", type=float, help="learning rate (cpu 2e-4, else 1e-4)")
+    p.add_argument("--load", choices=["fp32", "bf16", "nf4"], help="precision of the frozen base")
+    p.add_argument("--optim", choices=["adamw", "paged_adamw_8bit"])
+    p.add_argument("--gradient-checkpointing", choices=["on", "off"])
+    p.add_argument("--compile", choices=["on", "off"], help="torch.compile each decoder layer (fast: on)")
     p.add_argument("--r", type=int, default=8, help="LoRA rank")
     p.add_argument("--alpha", type=float, default=32, help="LoRA alpha")
     p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
@@ -132,15 +239,34 @@ def main() -> None:
     p.add_argument("--save-every", type=int, default=0,
                    help="save a resumable state every N steps (0: never); a rerun continues from it")
     args = p.parse_args()
-    if args.steps < 1 or args.batch_size < 1 or args.seq_len < 16:
-        raise UserError("--steps and --batch-size must be >= 1 and --seq-len >= 16")
+    import torch
+    if args.recipe == "auto":
+        args.recipe = "seed" if torch.cuda.is_available() else "cpu"
+    for key, value in RECIPES[args.recipe].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for key in ("gradient_checkpointing", "compile"):
+        if isinstance(getattr(args, key), str):
+            setattr(args, key, getattr(args, key) == "on")
+    if args.steps < 1 or args.batch_size < 1 or args.grad_accum < 1 or args.seq_len < 16:
+        raise UserError("--steps, --batch-size and --grad-accum must be >= 1 and --seq-len >= 16")
+    if args.load == "nf4" and not torch.cuda.is_available():
+        raise UserError("--load nf4 (the seed recipe) needs a CUDA GPU; on CPU use --recipe cpu")
+    return args
 
+
+def main() -> None:
+    args = parse_args()
     tales = load_tales(args.dataset)
     import torch
-    from peft import LoraConfig, get_peft_model
     from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    dist = Distributed()
+    args.world_size = dist.world
+    if args.grad_accum % dist.world:
+        raise UserError(f"--grad-accum {args.grad_accum} must be a multiple of the number of processes ({dist.world})")
+    accum = args.grad_accum // dist.world  # micro-batches per process and step
     if args.threads:
         torch.set_num_threads(args.threads)
     random.seed(args.seed)
@@ -152,53 +278,92 @@ def main() -> None:
     train_tales, held_tales = split_tales(tales)
     train = [encode(tok, t, args.seq_len) for t in train_tales]
     held = [encode(tok, t, args.seq_len) for t in held_tales]
-    log(f"{len(train)} training tales, {len(held)} held out; {args.steps} steps of {args.batch_size} x "
-        f"<= {args.seq_len} tokens")
+    if any(all(x == -100 for x in ex["labels"]) for ex in train + held):
+        raise UserError(f"--seq-len {args.seq_len} leaves no room for the answer after the prompt: raise it")
+    global_batch = args.batch_size * args.grad_accum
+    if dist.main:
+        log(f"recipe {args.recipe}: {args.load} base, {args.optim}, gradient checkpointing "
+            f"{'on' if args.gradient_checkpointing else 'off'}; {len(train)} training tales, {len(held)} held out; "
+            f"{args.steps} steps of {global_batch} x <= {args.seq_len} tokens ({dist.world} process(es) x "
+            f"{accum} x {args.batch_size}) on {dist.device.type}")
 
-    model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
-    lora = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, bias="none",
-                      task_type="CAUSAL_LM", target_modules=args.target_modules.split(","))
-    model = get_peft_model(model, lora)
-    model.train()
-    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-    start_eval = eval_loss(model, held, pad_id, args.batch_size)
+    model = load_model(args, dist.device)
+    optim = make_optimizer(args, [p for p in model.parameters() if p.requires_grad], dist.device)
+    ddp = None
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        ddp = DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+    start_eval = eval_loss(model, held, pad_id, args.batch_size, dist.device) if dist.main else None
 
     order: list[int] = []
     losses, tokens, evals, first = [], 0, [], 0
     if state := load_state(resume_dir(args.out), model, optim, args):
         order, losses, tokens, evals, first = (state["order"], state["losses"], state["tokens"], state["evals"],
                                                state["step"])
-        log(f"resuming the interrupted run from step {first} ({resume_dir(args.out)})")
+        if dist.main:
+            log(f"resuming the interrupted run from step {first} ({resume_dir(args.out)})")
     interrupt_at = int(os.environ.get("LORA_SHIP_INTERRUPT_AT_STEP", 0))  # for the resume test
-    t0, tokens0 = time.perf_counter(), tokens
-    bar = tqdm(range(first, args.steps), desc="training", disable=None, initial=first, total=args.steps)
+    t0, tokens0, steady = time.perf_counter(), tokens, None  # steady: (time, tokens) after the first step
+    step_times = [t0]
+    bar = tqdm(range(first, args.steps), desc="training", disable=None if dist.main else True, initial=first,
+               total=args.steps)
     for step in bar:
-        if len(order) < args.batch_size:
+        if len(order) < global_batch:
             order += random.sample(range(len(train)), len(train))
-        batch = [train[order.pop()] for _ in range(args.batch_size)]
-        ids, labels, mask = collate(batch, pad_id)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        if not math.isfinite(loss.item()):
-            raise UserError(f"training loss became {float(loss)} at step {step + 1}: lower --lr")
-        loss.backward()
+        batch = [train[order.pop()] for _ in range(global_batch)]
+        # Every process draws the same global batch and takes its share; each micro-batch's summed loss is
+        # divided by the global batch's label count, so N processes make exactly the one-process gradient.
+        label_count = sum(sum(1 for x in b["labels"][1:] if x != -100) for b in batch)
+        mine = batch[dist.rank * accum * args.batch_size:(dist.rank + 1) * accum * args.batch_size]
+        step_loss = torch.zeros((), device=dist.device)
+        for i in range(accum):
+            ids, labels, mask = collate(mine[i * args.batch_size:(i + 1) * args.batch_size], pad_id)
+            # no padding: no mask, so attention takes its causal fast path (checked on the CPU: no GPU sync)
+            mask = None if bool(mask.all()) else mask.to(dist.device)
+            ids, labels = ids.to(dist.device), labels.to(dist.device)
+            sync = ddp is None or i == accum - 1
+            with (ddp.no_sync() if not sync else contextlib.nullcontext()):
+                loss = (ddp or model)(input_ids=ids, attention_mask=mask, labels=labels,
+                                      num_items_in_batch=label_count).loss
+                (loss * dist.world).backward()  # DDP averages over processes; the loss is already global
+            step_loss += loss.detach()
+        step_loss = dist.sum(step_loss.item())  # one GPU sync per step, not per micro-batch
         optim.step()
         optim.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        tokens += int(mask.sum())
+        losses.append(step_loss)
+        tokens += sum(len(b["input_ids"]) for b in batch)
+        step_times.append(time.perf_counter())
+        if step == first:
+            steady = (step_times[-1], tokens)
         bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{(tokens - tokens0) / (time.perf_counter() - t0):.0f}")
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
-            evals.append((step + 1, eval_loss(model, held, pad_id, args.batch_size)))
-            bar.write(f"step {step + 1}: held-out eval loss {evals[-1][1]}")
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            if dist.main:
+                evals.append((step + 1, eval_loss(model, held, pad_id, args.batch_size, dist.device)))
+                bar.write(f"step {step + 1}: held-out eval loss {evals[-1][1]}")
+            dist.barrier()
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps and dist.main:
             save_state(resume_dir(args.out), model, optim, step + 1, order, losses, tokens, evals, args)
         if step + 1 == interrupt_at:
             raise KeyboardInterrupt
     seconds = time.perf_counter() - t0
-    end_eval = eval_loss(model, held, pad_id, args.batch_size)
-    metrics = {"steps": args.steps, "train_loss_first": losses[0], "train_loss_last": losses[-1],
+    # tokens/s of the steps after the first (which pays for CUDA start-up and kernel selection)
+    if steady is None or tokens == steady[1]:
+        steady = (t0, tokens0)
+    rate = (tokens - steady[1]) / (time.perf_counter() - steady[0])
+    if not dist.main:
+        dist.barrier()
+        dist.close()
+        return
+    end_eval = eval_loss(model, held, pad_id, args.batch_size, dist.device)
+    metrics = {"recipe": args.recipe, "steps": args.steps, "train_loss_first": losses[0],
+               "train_loss_last": losses[-1], "train_losses": losses,
                "eval_loss_before": start_eval, "eval_loss_after": end_eval, "eval_history": evals,
-               "train_tokens": tokens,
-               "seconds": round(seconds, 1), "tokens_per_second": round((tokens - tokens0) / seconds, 1)}
+               "train_tokens": tokens, "processes": dist.world,
+               "seconds": round(seconds, 1), "tokens_per_second": round(rate, 1),
+               "step_seconds": [round(b - a, 3) for a, b in zip(step_times, step_times[1:])]}
+    if dist.device.type == "cuda":
+        metrics["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(dist.device) / 2**30, 2)
+        metrics["peak_gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved(dist.device) / 2**30, 2)
     with atomic_dir(args.out) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
@@ -208,7 +373,9 @@ def main() -> None:
     shutil.rmtree(resume_dir(args.out), ignore_errors=True)
     log(f"checkpoint written to {args.out}: loss {losses[0]:.3f} -> {losses[-1]:.3f}, eval "
         f"{start_eval if start_eval is None else round(start_eval, 3)} -> "
-        f"{end_eval if end_eval is None else round(end_eval, 3)}, {seconds:.0f} s")
+        f"{end_eval if end_eval is None else round(end_eval, 3)}, {seconds:.0f} s, {rate:.0f} tokens/s")
+    dist.barrier()
+    dist.close()
 
 
 if __name__ == "__main__":

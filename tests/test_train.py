@@ -68,3 +68,28 @@ def test_malformed_dataset_names_the_line(tiny_bpe, tmp_path):
     proc = train(tiny_bpe[0], data, tmp_path / "x", "--steps", "1", check=False)
     assert proc.returncode == 1 and "bad.jsonl:2: not valid JSON" in error_line(proc)
     assert not (tmp_path / "x").exists()
+
+
+def test_two_processes_give_the_one_process_result(tiny_bpe, tmp_path):
+    """torchrun with 2 processes (DDP over gloo on CPU, the same code NCCL runs on GPUs) and the same global
+    batch: the same losses and adapter as one process, since each process takes half of every global batch."""
+    import subprocess
+    import sys
+    data = write_tales(tmp_path / "tales.jsonl", some_tales())
+    args = ["--base", tiny_bpe[0], "--dataset", data, "--batch-size", "1", "--grad-accum", "2", "--seq-len", "64",
+            "--steps", "3", "--lr", "1e-2", "--threads", "1", "--dropout", "0"]  # dropout masks come from each process's own RNG
+    train(tiny_bpe[0], data, tmp_path / "one", *args[4:])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run([*torchrun, str(ROOT / "scripts" / "train_lora.py"), *map(str, args),
+                           "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m1, m2 = (json.loads((tmp_path / p / "metrics.json").read_text()) for p in ("one", "two"))
+    assert m2["processes"] == 2 and m1["processes"] == 1
+    assert m1["train_tokens"] == m2["train_tokens"]
+    for a, b in zip(m1["train_losses"], m2["train_losses"], strict=True):
+        assert abs(a - b) < 1e-5
+    one, two = (load_file(tmp_path / p / "adapter_model.safetensors") for p in ("one", "two"))
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-6)
+    # the adapter moved: the comparison above is not between two untouched initialisations
+    assert any(float(v.abs().max()) > 0 for k, v in one.items() if "lora_B" in k)

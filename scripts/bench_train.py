@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+"""Benchmark fine-tuning: the seed's QLoRA recipe against ours, one lever at a time, in one run.
+
+Each variant is a short train_lora.py run in its own process on the same base, data, global batch (24 x 512
+tokens on a GPU), learning rate and seed, so the held-out loss is compared after the same tokens. Printed per
+variant: tokens/s (steps after the first), seconds per optimizer step, peak GPU memory (allocated), held-out
+loss before and after (nf4 changes the starting model, so
+compare the change); then a Markdown table. --model 8b-random trains a random Llama-3.1-8B-shaped base (16 GB of
+disk; needs a GPU). Without a CUDA GPU only the cpu recipe can run, and the table says so.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, UserError, log, run_main  # noqa: E402
+
+# name -> (what changes from the line above it, train_lora.py flags)
+GPU_VARIANTS = {
+    "seed": ("seed 002: nf4 QLoRA, gradient checkpointing, 6 x 4, paged AdamW 8-bit", ["--recipe", "seed"]),
+    "seed-no-ckpt": ("- gradient checkpointing", ["--recipe", "seed", "--gradient-checkpointing", "off"]),
+    "bf16-ckpt": ("bf16 base instead of nf4 (checkpointing back on)",
+                  ["--recipe", "fast", "--gradient-checkpointing", "on", "--compile", "off"]),
+    "bf16": ("bf16 base, no checkpointing", ["--recipe", "fast", "--compile", "off"]),
+    "bf16-12x2": ("micro-batch 12 x 2 instead of 6 x 4", ["--recipe", "fast", "--compile", "off", "--batch-size",
+                                                          "12", "--grad-accum", "2"]),
+    "fast": ("ours (RECIPE=fast): bf16, no checkpointing, 6 x 4, each decoder layer torch.compiled",
+             ["--recipe", "fast"]),
+}
+CPU_VARIANTS = {"cpu": ("plain LoRA on the fp32 base (the CPU demo recipe)", ["--recipe", "cpu"])}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", type=Path, default=ROOT / "out" / "base" / "smollm2",
+                   help="base model folder (with --model 8b-random: the folder that lends its tokenizer)")
+    p.add_argument("--dataset", type=Path, default=ROOT / "data" / "grimm_stories.jsonl")
+    p.add_argument("--model", choices=["default", "8b-random"], default="default")
+    p.add_argument("--steps", type=int, default=6, help="optimizer steps per variant (the first is not timed)")
+    p.add_argument("--variants", default="", help="comma-separated subset of: " + ", ".join(
+        [*GPU_VARIANTS, *CPU_VARIANTS]))
+    p.add_argument("--workdir", type=Path, default=ROOT / "out" / "bench-train")
+    args = p.parse_args()
+    import torch
+    gpu = torch.cuda.is_available()
+    table = {**GPU_VARIANTS, **CPU_VARIANTS}
+    names = [v for v in args.variants.split(",") if v] or list(GPU_VARIANTS if gpu else CPU_VARIANTS)
+    if unknown := [n for n in names if n not in table]:
+        raise UserError(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(table)}")
+    if not gpu and any(n in GPU_VARIANTS for n in names):
+        raise UserError("the seed/bf16 variants need a CUDA GPU; here only --variants cpu runs")
+    work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    base = args.base
+    if args.model == "8b-random":
+        if subprocess.run([sys.executable, str(ROOT / "scripts" / "random_model.py"), "--out",
+                           str(work / "8b-random"), "--tokenizer", str(args.base)]).returncode != 0:
+            raise UserError("random_model.py failed")
+        base = work / "8b-random" / "base"
+    if not (base / "config.json").exists():
+        raise UserError(f"{base / 'config.json'} not found (run 'make base' first, or pass --base)")
+
+    rows = []
+    for name in names:
+        what, flags = table[name]
+        out = work / f"run-{name}"
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(out.with_name(f".{out.name}.resume"), ignore_errors=True)
+        cmd = [sys.executable, str(ROOT / "scripts" / "train_lora.py"), "--base", str(base), "--dataset",
+               str(args.dataset), "--out", str(out), "--steps", str(args.steps), *flags]
+        log(f"{name}: {what}")
+        start = time.perf_counter()
+        with open(work / f"{name}.log", "w") as logf:
+            code = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT).returncode
+        if code != 0:
+            tail = (work / f"{name}.log").read_text(errors="replace").strip().splitlines()[-1:]
+            print(f"  {name}: failed ({' '.join(tail)[:160]})", flush=True)
+            rows.append((name, what, None))
+            continue
+        m = json.loads((out / "metrics.json").read_text())
+        targs = json.loads((out / "training_args.json").read_text())
+        m["s_per_step"] = targs["batch_size"] * targs["grad_accum"] * targs["seq_len"] / m["tokens_per_second"]
+        m["wall"] = time.perf_counter() - start
+        rows.append((name, what, m))
+        print(f"  {name}: {m['tokens_per_second']:.0f} tokens/s, {m["s_per_step"]:.2f} s/step, peak GPU "
+              f"{m.get('peak_gpu_gib', 0):.1f} GiB, held-out loss {m['eval_loss_before']:.4f} -> {m['eval_loss_after']:.4f} "
+              f"({m['wall']:.0f} s in all)", flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+
+    ref = next((m for _, _, m in rows if m), None)
+    device = torch.cuda.get_device_name(0) if gpu else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"\nfine-tuning {base.name} on {args.dataset.name}, {args.steps} steps per variant, {device}\n")
+    print("| variant | change | tokens/s | s/step | peak GPU GiB | held-out loss before -> after (change) | "
+          "speed vs first |")
+    print("|---|---|---|---|---|---|---|")
+    for name, what, m in rows:
+        if m is None:
+            print(f"| {name} | {what} | failed | | | | |")
+            continue
+        print(f"| {name} | {what} | {m['tokens_per_second']:.0f} | {m["s_per_step"]:.2f} | "
+              f"{m.get('peak_gpu_gib', 0):.1f} | {m['eval_loss_before']:.4f} -> {m['eval_loss_after']:.4f} "
+              f"({m['eval_loss_after'] - m['eval_loss_before']:+.4f}) | "
+              f"{m['tokens_per_second'] / ref['tokens_per_second']:.2f}x |")
+
+
+if __name__ == "__main__":
+    run_main(main)
