@@ -88,7 +88,7 @@ def main() -> None:
         m["s_per_step"] = targs["batch_size"] * targs["grad_accum"] * targs["seq_len"] / m["tokens_per_second"]
         m["wall"] = time.perf_counter() - start
         rows.append((name, what, m))
-        print(f"  {name}: {m['tokens_per_second']:.0f} tokens/s, {m["s_per_step"]:.2f} s/step, peak GPU "
+        print(f"  {name}: {m['tokens_per_second']:.0f} tokens/s, {m['s_per_step']:.2f} s/step, peak GPU "
               f"{m.get('peak_gpu_gib', 0):.1f} GiB, held-out loss {m['eval_loss_before']:.4f} -> {m['eval_loss_after']:.4f} "
               f"({m['wall']:.0f} s in all)", flush=True)
         shutil.rmtree(out, ignore_errors=True)
@@ -103,7 +103,7 @@ def main() -> None:
         if m is None:
             print(f"| {name} | {what} | failed | | | | |")
             continue
-        print(f"| {name} | {what} | {m['tokens_per_second']:.0f} | {m["s_per_step"]:.2f} | "
+        print(f"| {name} | {what} | {m['tokens_per_second']:.0f} | {m['s_per_step']:.2f} | "
               f"{m.get('peak_gpu_gib', 0):.1f} | {m['eval_loss_before']:.4f} -> {m['eval_loss_after']:.4f} "
               f"({m['eval_loss_after'] - m['eval_loss_before']:+.4f}) | "
               f"{m['tokens_per_second'] / ref['tokens_per_second']:.2f}x |")
