@@ -21,7 +21,7 @@ ALLOW_NO_KEY     ?=
 ENGINE           ?= auto
 GPU_LAYERS       ?= auto
 CTX_SIZE         ?= 0
-PARALLEL         ?= 0
+PARALLEL         ?= auto
 SERVER_ARGS      ?=
 PROMPT           ?= Tell me a fairy tale
 OUT              ?= out
@@ -82,7 +82,7 @@ endif
 MERGE_INPUTS := $(BASE_DIR) $(CHECKPOINT) $(MERGE_METHOD) $(sort $(USER_CHECKPOINTS)) $(FALLBACK_ARG)
 
 .PHONY: all help install vendor llamafile base merge quantize serve serve-bg stop chat train test clean \
-        generate bench-merge bench-train eval data \
+        generate bench-merge bench-train bench-serve eval data \
         clean-vendor FORCE run-install-python-dependencies run-download-llamafile run-clone-repositories \
         run-merge-models run-quantize-llama-model
 
@@ -108,7 +108,7 @@ $(STAMP): requirements.local.txt
 	@touch $@
 
 # ---- vendor tools ----
-vendor: $(LLAMA_BIN)/llama-server ## fetch llama.cpp at LLAMA_CPP_COMMIT and build server, quantize, perplexity; clone llamafile's source
+vendor: $(LLAMA_BIN)/llama-server ## fetch llama.cpp at LLAMA_CPP_COMMIT and build server, quantize, perplexity, batched-bench; clone llamafile's source
 	@$(PYTHON) scripts/fetch_llamafile.py --version $(LLAMAFILE_VERSION) --sha256 "$(LLAMAFILE_SHA256)" --source-only
 run-clone-repositories: vendor ## alias of vendor (seed name)
 
@@ -200,6 +200,11 @@ LOAD  ?= 16bit
 MODEL ?= $(MERGED)
 generate: $(if $(filter $(MERGED),$(MODEL)),$(MERGED)/config.json) | $(STAMP) ## generate from MODEL (default: the merged model) with Transformers; LOAD=nf4|int8|16bit, streams
 	$(PY) scripts/generate.py --model $(MODEL) --load $(LOAD) --prompt "$$PROMPT" $(GENERATE_ARGS)
+
+bench-serve: $(GGUF) | $(LLAMA_BIN)/llama-server $(STAMP) ## served tokens/s, time to first token, errors at 1/8/32 clients vs the engine's own batched numbers (own server on port 8089)
+	$(PY) scripts/bench_serve.py --model $(GGUF) --llama-bin $(LLAMA_BIN) --serve-args "--engine $(ENGINE) \
+	  --gpu-layers $(GPU_LAYERS) --ctx-size $(CTX_SIZE) --parallel $(PARALLEL) --llamafile $(LLAMAFILE) \
+	  --llama-server $(LLAMA_BIN)/llama-server $(if $(SERVER_ARGS),--extra-args='$(SERVER_ARGS)')"
 
 bench-merge: $(BASE_DIR)/config.json $(CHECKPOINT_FILES) | $(LLAMA_SRC) $(STAMP) ## time + peak RSS: the seed's PEFT merge + convert vs ours; BENCH_MODEL=8b-random for a random 8B
 	$(PY) scripts/bench_merge.py $(MERGE_ARGS) --model $(BENCH_MODEL) --quant $(QUANT) --workdir $(OUT)/bench-merge

@@ -77,10 +77,19 @@ def server_command(args, engine: str, binary: Path) -> list[str]:
         cuda_build = engine == "llamafile" or any((binary.parent).glob("libggml-cuda*"))
         gpu_layers = "999" if cuda_build and has_nvidia_gpu() else "0"
     cmd += ["-ngl", gpu_layers]
+    # Flash attention where the backend has it; continuous batching and a KV cache shared by the slots are
+    # the engine's defaults, and its --fit (on by default) shrinks an unset context to the free memory.
+    if engine == "llama-server":
+        cmd += ["-fa", "auto"]
     if args.ctx_size:
         cmd += ["-c", str(args.ctx_size)]
-    if args.parallel:
-        cmd += ["-np", str(args.parallel)]
+    parallel = args.parallel
+    if parallel == "auto":
+        # On a GPU, decoding 32 sequences costs little more than one (the weights are read once per step),
+        # so 32 slots serve up to 32 clients at once; on a CPU the engine's own choice (4) is kept.
+        parallel = "32" if gpu_layers != "0" else ""
+    if parallel and parallel != "0":
+        cmd += ["-np", parallel]
     if args.api_key:
         cmd += ["--api-key", args.api_key]
     return cmd + shlex.split(args.extra_args)
@@ -214,7 +223,8 @@ def main() -> None:
     p.add_argument("--llama-server", type=Path, default=ROOT / "vendor" / "llama.cpp" / "build" / "bin" / "llama-server")
     p.add_argument("--gpu-layers", default="auto", help="layers to offload (auto: all when a GPU is present)")
     p.add_argument("--ctx-size", type=int, default=0, help="context size (default: the engine's)")
-    p.add_argument("--parallel", type=int, default=0, help="parallel slots (default: the engine's)")
+    p.add_argument("--parallel", default="auto",
+                   help="parallel slots (auto: 32 when the model is on a GPU, else the engine's choice)")
     p.add_argument("--alias", default="lora-ship", help="model name reported by the API")
     p.add_argument("--api-key", default=os.environ.get("API_KEY") or None)
     p.add_argument("--allow-no-key", action="store_true", help="allow a non-loopback host without an API key")

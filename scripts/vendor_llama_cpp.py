@@ -5,7 +5,7 @@ Source: a git clone of the llama.cpp repository at the pinned commit; where GitH
 the same commit's tree as vendored by the PyPI sdist of llama-cpp-python (checked against a pinned sha256),
 so a machine with only a PyPI mirror still builds the very same source.
 
-Build: llama-server, llama-quantize and llama-perplexity with CMake: CUDA when nvcc and an NVIDIA GPU are\nfound (or --backend cuda), else CPU.
+Build: llama-server, llama-quantize, llama-perplexity and llama-batched-bench with CMake: CUDA when nvcc and an NVIDIA GPU are\nfound (or --backend cuda), else CPU.
 The build folder lives in a cache keyed by commit and backend (vendor/llama.cpp/build links to it), so a
 fresh clone of this project on the same machine reuses an earlier build instead of compiling again.
 """
@@ -30,7 +30,7 @@ SDIST = "llama-cpp-python==0.3.36"
 SDIST_FILE = "llama_cpp_python-0.3.36.tar.gz"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 SDIST_TREE = "llama_cpp_python-0.3.36/vendor/llama.cpp/"
-TOOLS = ("llama-server", "llama-quantize", "llama-perplexity")
+TOOLS = ("llama-server", "llama-quantize", "llama-perplexity", "llama-batched-bench")
 MARKER = ".lora-ship-source"
 
 
@@ -152,11 +152,16 @@ def build(args) -> None:
     build_dir = cache_dir() / "llama.cpp-build" / f"{commit}-{backend}"
     link = src / "build"
     bins = [build_dir / "bin" / t for t in TOOLS]
-    if all(b.exists() for b in bins) and (build_dir / "BUILD_OK").exists():
+    complete = (build_dir / "BUILD_OK").exists()
+    cmake_cache = build_dir / "CMakeCache.txt"
+    if complete and cmake_cache.exists() and f"CMAKE_HOME_DIRECTORY:INTERNAL={src}\n" not in cmake_cache.read_text():
+        complete = False  # configured from another clone's tree: CMake cannot add a target to it
+    if all(b.exists() for b in bins) and complete:
         log(f"reusing the {backend} build of llama.cpp {commit} in {build_dir}")
     else:
-        shutil.rmtree(build_dir, ignore_errors=True)  # a half-finished build of another tree: start clean
-        build_dir.mkdir(parents=True)
+        if not complete:  # a half-finished build: start clean (a complete one only lacks a newer tool)
+            shutil.rmtree(build_dir, ignore_errors=True)
+        build_dir.mkdir(parents=True, exist_ok=True)
         logpath = Path(args.log).resolve()
         logpath.parent.mkdir(parents=True, exist_ok=True)
         flags = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_UI=OFF",

@@ -1,0 +1,211 @@
+#!/usr/bin/env python3
+"""Benchmark the running server against the engine it runs, on the same model, in one run.
+
+served: 1, 8 and 32 concurrent clients (--clients) each send --requests requests to /completion, a distinct
+        ~--prompt-tokens prompt and exactly --max-tokens generated tokens each (ignore_eos), first without
+        streaming, then streaming. Printed: aggregate generated tokens/s (all tokens / wall time), mean
+        per-client tokens/s, time to first token p50/p95 (streaming), failed requests.
+engine: llama.cpp's llama-batched-bench on the same GGUF with the server's GPU layers and flash-attention
+        setting, the same prompt/generation lengths and parallel sequences: its generation tokens/s (S_TG).
+The benchmark starts its own server with serve.py's defaults (plus --serve-args) on a loopback port, and
+stops it before the engine runs (the server sizes its KV cache to the free GPU memory).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, UserError, log, run_main  # noqa: E402
+
+WORDS = ("once upon a time there lived a king who had three daughters and the youngest was so beautiful that "
+         "the sun itself was astonished whenever it shone in her face").split()
+
+
+def prompt_text(i: int, n_tokens: int) -> str:
+    """A distinct prompt per request (no prompt-cache hits between requests), ~1 token per word."""
+    words = [WORDS[(i * 7 + k) % len(WORDS)] for k in range(max(n_tokens - 4, 1))]
+    return f"Story {i}: " + " ".join(words)
+
+
+def post(url: str, body: dict, api_key: str | None, timeout: float):
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers)
+    return urllib.request.urlopen(req, timeout=timeout)
+
+
+def one_request(url: str, i: int, args, stream: bool) -> dict:
+    """{tokens, seconds, ttft} of one /completion request, or {error}."""
+    body = {"prompt": prompt_text(i, args.prompt_tokens), "n_predict": args.max_tokens, "ignore_eos": True,
+            "stream": stream, "cache_prompt": False}
+    start = time.perf_counter()
+    try:
+        with post(url + "/completion", body, args.api_key, args.timeout) as r:
+            if not stream:
+                out = json.loads(r.read())
+                return {"tokens": out.get("tokens_predicted", 0), "seconds": time.perf_counter() - start,
+                        "ttft": None}
+            ttft, tokens = None, 0
+            for line in r:
+                if not line.startswith(b"data: "):
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("content") and ttft is None:
+                    ttft = time.perf_counter() - start
+                if chunk.get("stop"):
+                    tokens = chunk.get("tokens_predicted", tokens)
+                    break
+            return {"tokens": tokens, "seconds": time.perf_counter() - start, "ttft": ttft}
+    except (urllib.error.URLError, OSError, TimeoutError, json.JSONDecodeError, ValueError) as e:
+        return {"error": str(getattr(e, "reason", e))}
+
+
+def drive(url: str, clients: int, args, stream: bool) -> dict:
+    results: list[dict] = []
+    lock = threading.Lock()
+
+    def client(c: int) -> None:
+        for k in range(args.requests):
+            r = one_request(url, c * 1000 + k + (100000 if stream else 0), args, stream)
+            with lock:
+                results.append(r)
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    bad = [r for r in results if "error" in r or r["tokens"] != args.max_tokens]
+    good = [r for r in results if "error" not in r and r["tokens"] == args.max_tokens]
+    ttfts = sorted(r["ttft"] for r in good if r["ttft"] is not None)
+    return {"clients": clients, "stream": stream, "requests": len(results), "failed": len(bad),
+            "aggregate": sum(r["tokens"] for r in good) / wall,
+            "per_client": statistics.mean(r["tokens"] / r["seconds"] for r in good) if good else 0.0,
+            "ttft_p50": percentile(ttfts, 50), "ttft_p95": percentile(ttfts, 95),
+            "errors": sorted({r["error"] for r in results if "error" in r})[:3]}
+
+
+def percentile(values: list[float], p: float) -> float | None:
+    if not values:
+        return None
+    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
+
+
+def server_flags(log_path: Path) -> list[str]:
+    """The command line serve.py started the server with (first line of its log run)."""
+    lines = [l for l in log_path.read_text(errors="replace").splitlines() if l.startswith("$ ")]
+    return shlex.split(lines[-1][2:]) if lines else []
+
+
+def flag(cmd: list[str], names: tuple[str, ...], default: str) -> str:
+    for i, c in enumerate(cmd[:-1]):
+        if c in names:
+            return cmd[i + 1]
+    return default
+
+
+def engine_numbers(bench: Path, model: str, cmd: list[str], clients: list[int], args) -> dict[int, float]:
+    """S_TG (generated tokens/s) per parallel-sequence count from llama-batched-bench."""
+    if not bench.exists():
+        log(f"no {bench}: skipping the engine comparison (run 'make vendor')")
+        return {}
+    ngl = flag(cmd, ("-ngl", "--gpu-layers", "--n-gpu-layers"), "0")
+    fa = flag(cmd, ("-fa", "--flash-attn"), "auto")
+    ctx = max(clients) * (args.prompt_tokens + args.max_tokens) + 256
+    run = [str(bench), "-m", model, "-c", str(ctx), "-ngl", ngl, "-fa", fa, "-npp", str(args.prompt_tokens),
+           "-ntg", str(args.max_tokens), "-npl", ",".join(map(str, clients))]
+    out = subprocess.run(run, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise UserError(f"llama-batched-bench failed: {out.stderr.strip().splitlines()[-1:]}")
+    numbers = {}
+    for line in out.stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 10 and re.fullmatch(r"\d+", cells[0]) and re.fullmatch(r"\d+", cells[2]):
+            numbers[int(cells[2])] = float(cells[7])  # PP TG B N_KV T_PP S_PP T_TG S_TG T S
+    return numbers
+
+
+def start_server(args, work: Path) -> tuple[str, list[str]]:
+    """Start serve.py in the background on the bench port; its URL and the engine command line it ran."""
+    cmd = [sys.executable, str(ROOT / "scripts" / "serve.py"), "start", "--background", "--model", str(args.model),
+           "--port", str(args.port), "--pid-file", str(work / "server.pid"), "--log", str(work / "server.log"),
+           *shlex.split(args.serve_args)]
+    (work / "server.log").unlink(missing_ok=True)
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise UserError(f"the server did not start: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+    return f"http://127.0.0.1:{args.port}", server_flags(work / "server.log")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, required=True, help="GGUF file to serve")
+    p.add_argument("--serve-args", default="", help="more serve.py flags, as one string (e.g. '--parallel 8')")
+    p.add_argument("--port", type=int, default=8089, help="port of the benchmark's own server (loopback)")
+    p.add_argument("--workdir", type=Path, default=ROOT / "out" / "bench-serve")
+    p.add_argument("--llama-bin", type=Path, default=ROOT / "vendor" / "llama.cpp" / "build" / "bin")
+    p.add_argument("--clients", default="1,8,32", help="concurrency levels (default %(default)s)")
+    p.add_argument("--requests", type=int, default=2, help="requests per client and level")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--timeout", type=float, default=600, help="seconds per request")
+    p.add_argument("--no-engine", action="store_true", help="skip llama-batched-bench")
+    args = p.parse_args()
+    args.api_key = None
+    if not args.model.exists():
+        raise UserError(f"model file {args.model} does not exist (run 'make quantize')")
+    clients = [int(c) for c in args.clients.split(",") if c]
+    work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    url, cmd = start_server(args, work)
+    log(f"server: {' '.join(cmd[1:])}")
+    served = []
+    try:
+        for stream in (False, True):
+            for n in clients:
+                r = drive(url, n, args, stream)
+                served.append(r)
+                log(f"{n:>3} clients {'streaming' if stream else 'one-shot '}: {r['aggregate']:.1f} tokens/s, "
+                    f"{r['failed']} failed")
+    finally:
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "serve.py"), "stop", "--pid-file",
+                        str(work / "server.pid")], capture_output=True)
+    # the engine runs after the server has stopped: the server sizes its KV cache to the free memory
+    engine = {} if args.no_engine else engine_numbers(args.llama_bin / "llama-batched-bench", str(args.model),
+                                                      cmd, clients, args)
+    print(f"\n{args.model.name}: {args.prompt_tokens}-token prompts, {args.max_tokens} generated tokens each, "
+          f"{args.requests} request(s) per client; server flags: {' '.join(cmd[3:])}\n")
+    print("| clients | mode | served tok/s (all clients) | per client tok/s | TTFT p50 / p95 s | failed | "
+          "engine S_TG tok/s | served / engine |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in served:
+        e = engine.get(r["clients"])
+        ttft = (f"{r['ttft_p50']:.3f} / {r['ttft_p95']:.3f}" if r["ttft_p50"] is not None else "-")
+        vs = f"{e:.1f} | {r['aggregate'] / e:.0%}" if e else "- | -"
+        print(f"| {r['clients']} | {'stream' if r['stream'] else 'one-shot'} | {r['aggregate']:.1f} | "
+              f"{r['per_client']:.1f} | {ttft} | {r['failed']}/{r['requests']} | {vs} |")
+    for r in served:
+        if r["errors"]:
+            print(f"errors with {r['clients']} clients: {'; '.join(r['errors'])}")
+    (work / "results.json").write_text(json.dumps({"served": served, "engine": engine, "server": cmd}, indent=2)
+                                       + "\n")
+    if any(r["failed"] for r in served):
+        raise UserError(f"{sum(r['failed'] for r in served)} request(s) failed")
+
+
+if __name__ == "__main__":
+    run_main(main)
