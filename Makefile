@@ -82,7 +82,7 @@ endif
 MERGE_INPUTS := $(BASE_DIR) $(CHECKPOINT) $(MERGE_METHOD) $(sort $(USER_CHECKPOINTS)) $(FALLBACK_ARG)
 
 .PHONY: all help install vendor llamafile base merge quantize serve serve-bg stop chat train test clean \
-        generate bench-merge bench-train bench-serve eval data \
+        generate bench-merge bench-train bench-serve test-serve eval data \
         clean-vendor FORCE run-install-python-dependencies run-download-llamafile run-clone-repositories \
         run-merge-models run-quantize-llama-model
 
@@ -215,6 +215,9 @@ eval: $(BASE_DIR)/config.json $(CHECKPOINT_FILES) | $(LLAMA_BIN)/llama-server $(
 # ---- checks and housekeeping ----
 test: $(STAMP) $(LLAMA_BIN)/llama-server ## run the test suite (tests/)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+test-serve: $(GGUF) | $(LLAMA_BIN)/llama-server $(STAMP) ## load and fault suite against the GGUF: 32 concurrent clients, bad requests, disconnects, restarts (loopback)
+	LORA_SHIP_GGUF=$(GGUF) $(PY) -m pytest tests/test_serve_faults.py $(PYTEST_ARGS)
 
 clean: stop ## remove out/ (models, GGUF files, logs); keeps vendor/ and your checkpoints
 	rm -rf $(OUT)

@@ -1,0 +1,174 @@
+"""Load and fault suite for the server (`make test-serve`): loopback only, bounded in requests and time.
+
+Runs against LORA_SHIP_GGUF (make test-serve sets it to the pipeline's GGUF) or, in `make test`, a tiny
+Llama converted here. Each fault is followed by a check that the server still answers a normal request.
+"""
+import http.client
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import needs_llama_cpp
+from helpers import LLAMA_SERVER, error_line, free_port, run_script, running_server
+
+pytestmark = needs_llama_cpp
+CTX = 1024  # per slot: small, so that an over-long prompt is cheap to send
+
+
+@pytest.fixture(scope="module")
+def gguf(tiny_spm, tmp_path_factory) -> Path:
+    if os.environ.get("LORA_SHIP_GGUF"):
+        return Path(os.environ["LORA_SHIP_GGUF"])
+    tmp = tmp_path_factory.mktemp("serve-faults-model")
+    run_script("convert_gguf.py", "--model", tiny_spm[0], "--quant", "f16", "--out", tmp / "tiny.gguf", "--log",
+               tmp / "convert.log")
+    return tmp / "tiny.gguf"
+
+
+@pytest.fixture(scope="module")
+def server(gguf, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve-faults")
+    with running_server(gguf, tmp, extra=("--parallel", "4", "--ctx-size", str(4 * CTX))) as url:
+        yield url.removeprefix("http://")
+
+
+def request(hostport: str, method: str, path: str, body: bytes | None = None,
+            headers: dict | None = None, timeout: float = 120) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection(hostport, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+def completion(hostport: str, **fields) -> tuple[int, dict]:
+    status, body = request(hostport, "POST", "/completion",
+                           json.dumps({"prompt": "Once upon a time", "n_predict": 8, **fields}).encode())
+    return status, json.loads(body)
+
+
+def assert_still_serving(hostport: str) -> None:
+    status, body = request(hostport, "GET", "/health")
+    assert status == 200, body
+    status, out = completion(hostport)
+    assert status == 200 and out["tokens_predicted"] == 8, out
+
+
+def assert_clean_error(status: int, body: bytes) -> None:
+    """An HTTP error with a JSON error message (not a dropped connection or a crash). llama-server answers a body
+    it cannot parse with 500 and a parse-error message, so 500 counts as clean when it says why."""
+    assert 400 <= status <= 500, (status, body[:300])
+    assert json.loads(body)["error"]["message"]
+
+
+def test_32_concurrent_clients_with_no_failure(server):
+    failures, done = [], []
+
+    def client(c: int) -> None:
+        for k in range(3):
+            try:
+                status, out = completion(server, prompt=f"Tale {c}-{k}: once upon a time", n_predict=6)
+                if status != 200 or out.get("tokens_predicted") != 6:
+                    failures.append((c, k, status))
+                else:
+                    done.append(1)
+            except OSError as e:
+                failures.append((c, k, repr(e)))
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not failures and len(done) == 96
+    assert_still_serving(server)
+
+
+def test_malformed_json(server):
+    assert_clean_error(*request(server, "POST", "/completion", b'{"prompt": "x", "n_predict": '))
+    assert_clean_error(*request(server, "POST", "/v1/chat/completions", b"[not json"))
+    assert_still_serving(server)
+
+
+def test_unknown_fields_are_ignored(server):
+    status, out = completion(server, no_such_field={"a": 1}, another=[1, 2])
+    assert status == 200 and out["tokens_predicted"] == 8
+    status, body = request(server, "POST", "/v1/chat/completions", json.dumps(
+        {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "frobnicate": True}).encode())
+    assert status == 200 and json.loads(body)["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_wrong_content_type(server):
+    body = json.dumps({"prompt": "Once upon a time", "n_predict": 4}).encode()
+    status, out = request(server, "POST", "/completion", body, headers={"Content-Type": "text/plain"})
+    assert status == 200 or 400 <= status < 500, status
+    status, out = request(server, "POST", "/completion", b"prompt=hello", headers={
+        "Content-Type": "application/x-www-form-urlencoded"})
+    assert_clean_error(status, out)
+    assert_still_serving(server)
+
+
+def test_over_long_prompt_is_refused(server):
+    status, body = request(server, "POST", "/completion",
+                           json.dumps({"prompt": "once upon a time " * (2 * CTX), "n_predict": 4}).encode())
+    assert_clean_error(status, body)
+    assert_still_serving(server)
+
+
+def test_huge_max_tokens_stops_at_the_context(server):
+    """n_predict far beyond the context: the generation ends when the slot's context is full (a clean stop)."""
+    status, out = completion(server, n_predict=10**9, ignore_eos=True)
+    assert status == 200 and 0 < out["tokens_predicted"] <= CTX
+    assert out["stop"] is True
+    assert_still_serving(server)
+
+
+def test_client_that_disconnects_mid_stream(server):
+    """A streaming client goes away after a few chunks: the server stops that generation and frees its slot."""
+    conn = http.client.HTTPConnection(server, timeout=60)
+    conn.request("POST", "/completion", body=json.dumps({"prompt": "Once upon a time", "n_predict": 10**6,
+                                                          "ignore_eos": True, "stream": True}),
+                 headers={"Content-Type": "application/json"})
+    r = conn.getresponse()
+    assert r.status == 200
+    chunks = 0
+    while chunks < 3:
+        if r.readline().startswith(b"data: "):
+            chunks += 1
+    conn.sock.close()  # hang up without reading the rest
+    conn.close()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        status, body = request(server, "GET", "/slots")
+        if status == 200 and not any(s.get("is_processing") for s in json.loads(body)):
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("the abandoned generation kept its slot busy for 30 s")
+    assert_still_serving(server)
+
+
+def test_stop_then_start_again_and_a_second_serve_on_the_busy_port(gguf, tmp_path):
+    """`make stop` + `make serve-bg` restarts cleanly on the same port; a second `make serve` there while it runs
+    fails with one clear line and leaves the first server serving."""
+    port, pid = free_port(), tmp_path / "server.pid"
+    common = ("--model", gguf, "--port", port, "--engine", "llama-server", "--llama-server", LLAMA_SERVER,
+              "--log", tmp_path / "server.log")
+    try:
+        for _ in range(2):
+            run_script("serve.py", "start", "--background", "--pid-file", pid, *common)
+            assert_still_serving(f"127.0.0.1:{port}")
+            run_script("serve.py", "stop", "--pid-file", pid)
+            assert not pid.exists()
+        run_script("serve.py", "start", "--background", "--pid-file", pid, *common)
+        second = run_script("serve.py", "start", "--pid-file", tmp_path / "other.pid", *common, check=False)
+        assert second.returncode == 1 and f"port {port} on 127.0.0.1 is already in use" in error_line(second)
+        assert_still_serving(f"127.0.0.1:{port}")
+    finally:
+        run_script("serve.py", "stop", "--pid-file", pid, check=False)
