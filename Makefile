@@ -29,6 +29,7 @@ VENV             ?= .venv
 PYTHON           ?= python3
 TORCH_SPEC       ?= torch==2.13.0
 LLAMA_CPP_COMMIT ?= 0c1e57098
+LLAMA_CPP_PYTHON ?= llama-cpp-python==0.3.36
 LLAMA_CPP_REPO   ?= https://github.com/ggml-org/llama.cpp
 LLAMA_BACKEND    ?= auto
 LLAMAFILE_VERSION ?= 0.9.3
@@ -47,7 +48,7 @@ PYTEST_ARGS      ?=
 
 HELP_VARS := BASE_MODEL CHECKPOINTS_DIR CHECKPOINT DATASET GUTENBERG_TXT QUANT MERGE_METHOD HOST PORT API_KEY ALLOW_NO_KEY ENGINE \
   GPU_LAYERS CTX_SIZE PARALLEL SERVER_ARGS PROMPT OUT VENV TORCH_SPEC LLAMA_CPP_COMMIT LLAMA_CPP_REPO LLAMA_BACKEND \
-  LLAMAFILE_VERSION LLAMAFILE_SHA256 DEMO_STEPS TRAIN_STEPS RECIPE NPROC TRAIN_ARGS RUN_NAME EVAL_EVERY SAVE_EVERY LOAD MODEL GENERATE_ARGS KEEP_MERGED BENCH_MODEL
+  LLAMAFILE_VERSION LLAMAFILE_SHA256 DEMO_STEPS TRAIN_STEPS RECIPE NPROC TRAIN_ARGS RUN_NAME EVAL_EVERY SAVE_EVERY LOAD MODEL GENERATE_ARGS MODELS COMPARE_ARGS KEEP_MERGED BENCH_MODEL
 
 # ---- derived paths ----
 PY        := $(VENV)/bin/python
@@ -82,7 +83,7 @@ endif
 MERGE_INPUTS := $(BASE_DIR) $(CHECKPOINT) $(MERGE_METHOD) $(sort $(USER_CHECKPOINTS)) $(FALLBACK_ARG)
 
 .PHONY: all help install vendor llamafile base merge quantize serve serve-bg stop chat train test clean \
-        generate bench-merge bench-train bench-serve test-serve eval data \
+        generate compare bench-merge bench-train bench-serve test-serve eval data \
         clean-vendor FORCE run-install-python-dependencies run-download-llamafile run-clone-repositories \
         run-merge-models run-quantize-llama-model
 
@@ -105,6 +106,9 @@ $(STAMP): requirements.local.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q "$(TORCH_SPEC)"
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.local.txt
+	@# llama-cpp-python's Python side only (LLAMA_BUILD=OFF): it loads vendor/llama.cpp's own libllama.so
+	@# (LLAMA_CPP_LIB_PATH), the same commit its sdist vendors, instead of compiling llama.cpp a second time
+	CMAKE_ARGS="-DLLAMA_BUILD=OFF" $(PY) -m pip install --disable-pip-version-check -q --no-deps "$(LLAMA_CPP_PYTHON)"
 	@touch $@
 
 # ---- vendor tools ----
@@ -200,6 +204,11 @@ LOAD  ?= 16bit
 MODEL ?= $(MERGED)
 generate: $(if $(filter $(MERGED),$(MODEL)),$(MERGED)/config.json) | $(STAMP) ## generate from MODEL (default: the merged model) with Transformers; LOAD=nf4|int8|16bit, streams
 	$(PY) scripts/generate.py --model $(MODEL) --load $(LOAD) --prompt "$$PROMPT" $(GENERATE_ARGS)
+
+MODELS ?= $(BASE_DIR) $(BASE_DIR):nf4 $(GGUF)
+COMPARE_ARGS ?= --greedy --max-new-tokens 64
+compare: | $(STAMP) ## the same PROMPT through each of MODELS (folders or .gguf, :nf4/:int8 for a load mode): load time, tokens/s, memory
+	$(PY) scripts/compare.py $(MODELS) --prompt "$$PROMPT" -- $(COMPARE_ARGS)
 
 bench-serve: $(GGUF) | $(LLAMA_BIN)/llama-server $(STAMP) ## served tokens/s, time to first token, errors at 1/8/32 clients vs the engine's own batched numbers (own server on port 8089)
 	$(PY) scripts/bench_serve.py --model $(GGUF) --llama-bin $(LLAMA_BIN) --serve-args "--engine $(ENGINE) \

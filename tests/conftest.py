@@ -26,3 +26,13 @@ def tiny_bpe(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-bpe")
     model, tok = make_tiny_llama(folder, "bpe", dtype=torch.bfloat16)
     return folder, model, tok
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_spm, tmp_path_factory):
+    """The tiny Llama 2-tokenizer model as an f16 GGUF."""
+    from helpers import run_script
+    tmp = tmp_path_factory.mktemp("tiny-gguf")
+    run_script("convert_gguf.py", "--model", tiny_spm[0], "--quant", "f16", "--out", tmp / "tiny.gguf", "--log",
+               tmp / "convert.log")
+    return tmp / "tiny.gguf"

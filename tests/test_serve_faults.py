@@ -20,13 +20,8 @@ CTX = 1024  # per slot: small, so that an over-long prompt is cheap to send
 
 
 @pytest.fixture(scope="module")
-def gguf(tiny_spm, tmp_path_factory) -> Path:
-    if os.environ.get("LORA_SHIP_GGUF"):
-        return Path(os.environ["LORA_SHIP_GGUF"])
-    tmp = tmp_path_factory.mktemp("serve-faults-model")
-    run_script("convert_gguf.py", "--model", tiny_spm[0], "--quant", "f16", "--out", tmp / "tiny.gguf", "--log",
-               tmp / "convert.log")
-    return tmp / "tiny.gguf"
+def gguf(tiny_gguf) -> Path:
+    return Path(os.environ["LORA_SHIP_GGUF"]) if os.environ.get("LORA_SHIP_GGUF") else tiny_gguf
 
 
 @pytest.fixture(scope="module")
