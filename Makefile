@@ -83,7 +83,7 @@ endif
 MERGE_INPUTS := $(BASE_DIR) $(CHECKPOINT) $(MERGE_METHOD) $(sort $(USER_CHECKPOINTS)) $(FALLBACK_ARG)
 
 .PHONY: all help install vendor llamafile base merge quantize serve serve-bg stop chat train test clean \
-        generate compare bench-merge bench-train bench-serve test-serve eval data \
+        package generate compare bench-merge bench-train bench-serve test-serve eval data \
         clean-vendor FORCE run-install-python-dependencies run-download-llamafile run-clone-repositories \
         run-merge-models run-quantize-llama-model
 
@@ -192,6 +192,10 @@ serve: $(GGUF) | $(LLAMA_BIN)/llama-server ## serve the GGUF on HOST:PORT in the
 
 serve-bg: $(GGUF) | $(LLAMA_BIN)/llama-server ## serve in the background (pid in out/server.pid); `make stop` ends it
 	$(PYTHON) scripts/serve.py start --background $(SERVE_ARGS)
+
+package: $(GGUF) | llamafile ## one self-contained executable: the llamafile binary + the GGUF + default args ($(OUT)/model.QUANT.llamafile; run it with --server)
+	$(PYTHON) scripts/package_llamafile.py --model $(GGUF) --out $(GGUF:.gguf=.llamafile) --llamafile $(LLAMAFILE) \
+	  --host $(HOST) --port $(PORT)
 
 stop: ## stop the background server
 	@$(PYTHON) scripts/serve.py stop --pid-file $(PID_FILE)
