@@ -5,7 +5,8 @@ Source: a git clone of the llama.cpp repository at the pinned commit; where GitH
 the same commit's tree as vendored by the PyPI sdist of llama-cpp-python (checked against a pinned sha256),
 so a machine with only a PyPI mirror still builds the very same source.
 
-Build: llama-server, llama-quantize, llama-perplexity and llama-batched-bench with CMake: CUDA when nvcc and an NVIDIA GPU are\nfound (or --backend cuda), else CPU.
+Build: llama-server, llama-quantize, llama-perplexity and llama-batched-bench with CMake: CUDA when nvcc and
+an NVIDIA GPU are found (or --backend cuda), else CPU.
 The build folder lives in a cache keyed by commit and backend (vendor/llama.cpp/build links to it), so a
 fresh clone of this project on the same machine reuses an earlier build instead of compiling again.
 """
@@ -153,13 +154,14 @@ def build(args) -> None:
     link = src / "build"
     bins = [build_dir / "bin" / t for t in TOOLS]
     complete = (build_dir / "BUILD_OK").exists()
-    cmake_cache = build_dir / "CMakeCache.txt"
-    if complete and cmake_cache.exists() and f"CMAKE_HOME_DIRECTORY:INTERNAL={src}\n" not in cmake_cache.read_text():
-        complete = False  # configured from another clone's tree: CMake cannot add a target to it
     if all(b.exists() for b in bins) and complete:
         log(f"reusing the {backend} build of llama.cpp {commit} in {build_dir}")
     else:
-        if not complete:  # a half-finished build: start clean (a complete one only lacks a newer tool)
+        cmake_cache = build_dir / "CMakeCache.txt"
+        same_tree = cmake_cache.exists() and f"CMAKE_HOME_DIRECTORY:INTERNAL={src}\n" in cmake_cache.read_text()
+        if not (complete and same_tree):
+            # half-finished, or configured from another clone's tree (CMake cannot add a target to that one):
+            # start clean; a complete build of this tree that only lacks a newer tool is built on
             shutil.rmtree(build_dir, ignore_errors=True)
         build_dir.mkdir(parents=True, exist_ok=True)
         logpath = Path(args.log).resolve()
