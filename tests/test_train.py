@@ -93,3 +93,18 @@ def test_two_processes_give_the_one_process_result(tiny_bpe, tmp_path):
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-6)
     # the adapter moved: the comparison above is not between two untouched initialisations
     assert any(float(v.abs().max()) > 0 for k, v in one.items() if "lora_B" in k)
+
+
+def test_gpu_recipes_need_a_gpu_or_run_on_one(tiny_bpe, tmp_path):
+    """Without CUDA the seed recipe (nf4) is refused in one line; with CUDA (never in CI) seed and fast each run
+    a few steps and write a checkpoint with the peak GPU memory in its metrics."""
+    data = write_tales(tmp_path / "tales.jsonl", some_tales())
+    if not torch.cuda.is_available():
+        proc = train(tiny_bpe[0], data, tmp_path / "x", "--recipe", "seed", "--steps", "1", check=False)
+        assert proc.returncode == 1 and "needs a CUDA GPU" in error_line(proc)
+        assert not (tmp_path / "x").exists()
+        return
+    for recipe in ("seed", "fast"):
+        train(tiny_bpe[0], data, tmp_path / recipe, "--recipe", recipe, "--steps", "3")
+        metrics = json.loads((tmp_path / recipe / "metrics.json").read_text())
+        assert metrics["recipe"] == recipe and metrics["peak_gpu_gib"] > 0
