@@ -30,6 +30,7 @@ PYTHON           ?= python3
 TORCH_SPEC       ?= torch==2.13.0
 LLAMA_CPP_COMMIT ?= 0c1e57098
 LLAMA_CPP_PYTHON ?= llama-cpp-python==0.3.36
+LLAMA_CPP_PYTHON_SHA256 ?= 832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 LLAMA_CPP_REPO   ?= https://github.com/ggml-org/llama.cpp
 LLAMA_BACKEND    ?= auto
 LLAMAFILE_VERSION ?= 0.9.3
@@ -108,7 +109,9 @@ $(STAMP): requirements.local.txt
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.local.txt
 	@# llama-cpp-python's Python side only (LLAMA_BUILD=OFF): it loads vendor/llama.cpp's own libllama.so
 	@# (LLAMA_CPP_LIB_PATH), the same commit its sdist vendors, instead of compiling llama.cpp a second time
-	CMAKE_ARGS="-DLLAMA_BUILD=OFF" $(PY) -m pip install --disable-pip-version-check -q --no-deps "$(LLAMA_CPP_PYTHON)"
+	@printf '%s --hash=sha256:%s\n' "$(LLAMA_CPP_PYTHON)" "$(LLAMA_CPP_PYTHON_SHA256)" > $(VENV)/llama-cpp-python.txt
+	CMAKE_ARGS="-DLLAMA_BUILD=OFF" $(PY) -m pip install --disable-pip-version-check -q --no-deps --require-hashes \
+	  -r $(VENV)/llama-cpp-python.txt
 	@touch $@
 
 # ---- vendor tools ----
