@@ -209,7 +209,7 @@ chat: ## send PROMPT to the running server and stream the answer
 # ---- generation and benchmarks ----
 LOAD  ?= 16bit
 MODEL ?= $(MERGED)
-generate: $(if $(filter $(MERGED),$(MODEL)),$(MERGED)/config.json) | $(STAMP) ## generate from MODEL (default: the merged model) with Transformers; LOAD=nf4|int8|16bit, streams
+generate: $(if $(filter $(MERGED),$(MODEL)),$(MERGED)/config.json) | $(STAMP) ## generate from MODEL (default: the merged model) with Transformers, LOAD=nf4|int8|16bit, or a .gguf with llama-cpp-python; streams
 	$(PY) scripts/generate.py --model $(MODEL) --load $(LOAD) --prompt "$$PROMPT" $(GENERATE_ARGS)
 
 MODELS ?= $(BASE_DIR) $(BASE_DIR):nf4 $(GGUF)

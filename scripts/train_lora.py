@@ -328,6 +328,8 @@ def main() -> None:
                 (loss * dist.world).backward()  # DDP averages over processes; the loss is already global
             step_loss += loss.detach()
         step_loss = dist.sum(step_loss.item())  # one GPU sync per step, not per micro-batch
+        if not math.isfinite(step_loss):
+            raise UserError(f"training loss became {step_loss} at step {step + 1}: lower --lr")
         optim.step()
         optim.zero_grad(set_to_none=True)
         losses.append(step_loss)
