@@ -151,9 +151,10 @@ def running_server(gguf: Path, tmp: Path, port: int | None = None, extra: tuple 
 
 
 def gguf_next_token_logprobs(url: str, prompt_ids: list[int], n_predict: int, n_probs: int):
-    """Greedy continuation from the server with the top-`n_probs` log-probabilities at each position."""
+    """Greedy continuation from the server with the top-`n_probs` log-probabilities at each position: always
+    n_predict positions (ignore_eos), so the number compared does not hang on where the answer ends."""
     _, out = http_json(url + "/completion", {"prompt": prompt_ids, "n_predict": n_predict, "temperature": 0,
-                                              "n_probs": n_probs, "cache_prompt": False})
+                                              "n_probs": n_probs, "cache_prompt": False, "ignore_eos": True})
     steps = out["completion_probabilities"]
     generated = [s["id"] for s in steps]
     tops = [{t["id"]: t["logprob"] for t in s["top_logprobs"]} for s in steps]
