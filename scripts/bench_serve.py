@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import statistics
@@ -165,7 +166,7 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=600, help="seconds per request")
     p.add_argument("--no-engine", action="store_true", help="skip llama-batched-bench")
     args = p.parse_args()
-    args.api_key = None
+    args.api_key = os.environ.get("API_KEY") or None  # serve.py gives the server the same key
     if not args.model.exists():
         raise UserError(f"model file {args.model} does not exist (run 'make quantize')")
     clients = [int(c) for c in args.clients.split(",") if c]

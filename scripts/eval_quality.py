@@ -102,8 +102,6 @@ def gguf_forms(args, ckpt: Path, text_file: Path, work: Path, n_chunks: int, log
 
 
 def hf_forms(args, ckpt: Path, ids: list[int], logpath: Path) -> dict:
-    import torch
-
     from generate import load
 
     merged = args.out / "merged"

@@ -1,6 +1,4 @@
 """make_data.py: Gutenberg #2591 -> the 62-tale JSONL, checked against the pinned sha256."""
-from pathlib import Path
-
 import pytest
 
 from helpers import ROOT, error_line, run_script
