@@ -77,8 +77,8 @@ def server_command(args, engine: str, binary: Path) -> list[str]:
         cuda_build = engine == "llamafile" or any((binary.parent).glob("libggml-cuda*"))
         gpu_layers = "999" if cuda_build and has_nvidia_gpu() else "0"
     cmd += ["-ngl", gpu_layers]
-    # Flash attention where the backend has it; continuous batching and a KV cache shared by the slots are
-    # the engine's defaults, and its --fit (on by default) shrinks an unset context to the free memory.
+    # Flash attention where the backend has it; continuous batching is the engine's default, and its --fit
+    # (on by default) sizes an unset context to the free memory.
     if engine == "llama-server":
         cmd += ["-fa", "auto"]
     if args.ctx_size:
