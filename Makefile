@@ -185,10 +185,11 @@ quantize: $(GGUF) ## the GGUF of the merged model (QUANT: q8_0, f16, bf16, Q4_K_
 run-quantize-llama-model: quantize ## alias of quantize (seed name)
 
 # ---- serving ----
-SERVE_ARGS = --model $(GGUF) --host $(HOST) --port $(PORT) --engine $(ENGINE) --gpu-layers $(GPU_LAYERS) \
-  --ctx-size $(CTX_SIZE) --parallel $(PARALLEL) --pid-file $(PID_FILE) --log $(OUT)/logs/server.log \
-  --llamafile $(LLAMAFILE) --llama-server $(LLAMA_BIN)/llama-server $(if $(ALLOW_NO_KEY),--allow-no-key) \
-  $(if $(SERVER_ARGS),--extra-args "$(SERVER_ARGS)")
+# how the engine runs (shared with bench-serve, which starts its own server); then where this one listens
+ENGINE_ARGS = --engine $(ENGINE) --gpu-layers $(GPU_LAYERS) --ctx-size $(CTX_SIZE) --parallel $(PARALLEL) \
+  --llamafile $(LLAMAFILE) --llama-server $(LLAMA_BIN)/llama-server $(if $(SERVER_ARGS),--extra-args='$(SERVER_ARGS)')
+SERVE_ARGS = --model $(GGUF) --host $(HOST) --port $(PORT) --pid-file $(PID_FILE) --log $(OUT)/logs/server.log \
+  $(if $(ALLOW_NO_KEY),--allow-no-key) $(ENGINE_ARGS)
 
 serve: $(GGUF) | $(LLAMA_BIN)/llama-server ## serve the GGUF on HOST:PORT in the foreground (Ctrl-C stops)
 	$(PYTHON) scripts/serve.py start $(SERVE_ARGS)
@@ -218,9 +219,7 @@ compare: | $(STAMP) ## the same PROMPT through each of MODELS (folders or .gguf,
 	$(PY) scripts/compare.py $(MODELS) --prompt "$$PROMPT" -- $(COMPARE_ARGS)
 
 bench-serve: $(GGUF) | $(LLAMA_BIN)/llama-server $(STAMP) ## served tokens/s, time to first token, errors at 1/8/32 clients vs the engine's own batched numbers (own server on port 8089)
-	$(PY) scripts/bench_serve.py --model $(GGUF) --llama-bin $(LLAMA_BIN) --serve-args "--engine $(ENGINE) \
-	  --gpu-layers $(GPU_LAYERS) --ctx-size $(CTX_SIZE) --parallel $(PARALLEL) --llamafile $(LLAMAFILE) \
-	  --llama-server $(LLAMA_BIN)/llama-server $(if $(SERVER_ARGS),--extra-args='$(SERVER_ARGS)')"
+	$(PY) scripts/bench_serve.py --model $(GGUF) --llama-bin $(LLAMA_BIN) --serve-args "$(ENGINE_ARGS)"
 
 bench-merge: $(BASE_DIR)/config.json $(CHECKPOINT_FILES) | $(LLAMA_SRC) $(STAMP) ## time + peak RSS: the seed's PEFT merge + convert vs ours; BENCH_MODEL=8b-random for a random 8B
 	$(PY) scripts/bench_merge.py $(MERGE_ARGS) --model $(BENCH_MODEL) --quant $(QUANT) --workdir $(OUT)/bench-merge

@@ -90,10 +90,9 @@ def drive(url: str, clients: int, args, stream: bool) -> dict:
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
-    bad = [r for r in results if "error" in r or r["tokens"] != args.max_tokens]
     good = [r for r in results if "error" not in r and r["tokens"] == args.max_tokens]
     ttfts = sorted(r["ttft"] for r in good if r["ttft"] is not None)
-    return {"clients": clients, "stream": stream, "requests": len(results), "failed": len(bad),
+    return {"clients": clients, "stream": stream, "requests": len(results), "failed": len(results) - len(good),
             "aggregate": sum(r["tokens"] for r in good) / wall,
             "per_client": statistics.mean(r["tokens"] / r["seconds"] for r in good) if good else 0.0,
             "ttft_p50": percentile(ttfts, 50), "ttft_p95": percentile(ttfts, 95),
@@ -131,7 +130,7 @@ def engine_numbers(bench: Path, model: str, cmd: list[str], clients: list[int], 
            "-ntg", str(args.max_tokens), "-npl", ",".join(map(str, clients))]
     out = subprocess.run(run, capture_output=True, text=True)
     if out.returncode != 0:
-        raise UserError(f"llama-batched-bench failed: {out.stderr.strip().splitlines()[-1:]}")
+        raise UserError(f"llama-batched-bench failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
     numbers = {}
     for line in out.stdout.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]

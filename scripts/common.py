@@ -123,6 +123,11 @@ def dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
+def has_cuda_backend(bin_dir: Path) -> bool:
+    """Whether the llama.cpp build in bin_dir has its CUDA backend (libggml-cuda)."""
+    return any(Path(bin_dir).glob("libggml-cuda*"))
+
+
 def has_nvidia_gpu() -> bool:
     """True when nvidia-smi lists a GPU (an nvcc install alone does not mean there is one)."""
     try:

@@ -22,8 +22,10 @@ from common import UserError, human_bytes, log, run_main  # noqa: E402
 
 
 def parse_model(spec: str) -> tuple[Path, str]:
-    path, _, load = spec.rpartition(":") if spec.rsplit(":", 1)[-1] in ("nf4", "int8", "16bit") else (spec, "", "")
-    path = Path(path)
+    name, _, load = spec.rpartition(":")
+    if load not in ("nf4", "int8", "16bit"):  # no load mode given (or a ':' in the path itself)
+        name, load = spec, ""
+    path = Path(name)
     if not path.exists():
         raise UserError(f"model {path} does not exist")
     if path.suffix != ".gguf" and not (path / "config.json").exists():

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, UserError, has_nvidia_gpu, human_bytes, log, run_main  # noqa: E402
+from common import ROOT, UserError, has_cuda_backend, has_nvidia_gpu, human_bytes, log, run_main  # noqa: E402
 
 
 def check_sampling(args) -> None:
@@ -80,7 +80,7 @@ def load_gguf(path: Path, seed: int, lib_dir: Path):
         from llama_cpp import Llama
     except ImportError as e:
         raise UserError(f"llama-cpp-python is not usable ({e}): run 'make install'") from None
-    gpu = any(Path(os.environ["LLAMA_CPP_LIB_PATH"]).glob("libggml-cuda*")) and has_nvidia_gpu()
+    gpu = has_cuda_backend(Path(os.environ["LLAMA_CPP_LIB_PATH"])) and has_nvidia_gpu()
     return Llama(str(path), n_ctx=4096, n_gpu_layers=-1 if gpu else 0, seed=seed, verbose=False)
 
 

@@ -24,7 +24,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, UserError, has_nvidia_gpu, log, run_main  # noqa: E402
+from common import ROOT, UserError, has_cuda_backend, has_nvidia_gpu, log, run_main  # noqa: E402
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -74,7 +74,7 @@ def server_command(args, engine: str, binary: Path) -> list[str]:
     cmd += ["-m", str(args.model), "--host", args.host, "--port", str(args.port), "--alias", args.alias]
     gpu_layers = args.gpu_layers
     if gpu_layers == "auto":
-        cuda_build = engine == "llamafile" or any((binary.parent).glob("libggml-cuda*"))
+        cuda_build = engine == "llamafile" or has_cuda_backend(binary.parent)
         gpu_layers = "999" if cuda_build and has_nvidia_gpu() else "0"
     cmd += ["-ngl", gpu_layers]
     # Flash attention where the backend has it; continuous batching is the engine's default, and its --fit
