@@ -22,6 +22,8 @@ ENGINE           ?= auto
 GPU_LAYERS       ?= auto
 CTX_SIZE         ?= 0
 PARALLEL         ?= auto
+BACKEND_SAMPLING ?= auto
+CACHE_RAM        ?= auto
 SERVER_ARGS      ?=
 PROMPT           ?= Tell me a fairy tale
 OUT              ?= out
@@ -48,7 +50,7 @@ BENCH_MODEL      ?= default
 PYTEST_ARGS      ?=
 
 HELP_VARS := BASE_MODEL CHECKPOINTS_DIR CHECKPOINT DATASET GUTENBERG_TXT QUANT MERGE_METHOD HOST PORT API_KEY ALLOW_NO_KEY ENGINE \
-  GPU_LAYERS CTX_SIZE PARALLEL SERVER_ARGS PROMPT OUT VENV TORCH_SPEC LLAMA_CPP_COMMIT LLAMA_CPP_REPO LLAMA_BACKEND \
+  GPU_LAYERS CTX_SIZE PARALLEL BACKEND_SAMPLING CACHE_RAM SERVER_ARGS PROMPT OUT VENV TORCH_SPEC LLAMA_CPP_COMMIT LLAMA_CPP_REPO LLAMA_BACKEND \
   LLAMAFILE_VERSION LLAMAFILE_SHA256 DEMO_STEPS TRAIN_STEPS RECIPE NPROC TRAIN_ARGS RUN_NAME EVAL_EVERY SAVE_EVERY LOAD MODEL GENERATE_ARGS MODELS COMPARE_ARGS KEEP_MERGED BENCH_MODEL
 
 # ---- derived paths ----
@@ -187,7 +189,7 @@ run-quantize-llama-model: quantize ## alias of quantize (seed name)
 # ---- serving ----
 # how the engine runs (shared with bench-serve, which starts its own server); then where this one listens
 ENGINE_ARGS = --engine $(ENGINE) --gpu-layers $(GPU_LAYERS) --ctx-size $(CTX_SIZE) --parallel $(PARALLEL) \
-  --llamafile $(LLAMAFILE) --llama-server $(LLAMA_BIN)/llama-server $(if $(SERVER_ARGS),--extra-args='$(SERVER_ARGS)')
+  --backend-sampling $(BACKEND_SAMPLING) --cache-ram $(CACHE_RAM) --llamafile $(LLAMAFILE) --llama-server $(LLAMA_BIN)/llama-server $(if $(SERVER_ARGS),--extra-args='$(SERVER_ARGS)')
 SERVE_ARGS = --model $(GGUF) --host $(HOST) --port $(PORT) --pid-file $(PID_FILE) --log $(OUT)/logs/server.log \
   $(if $(ALLOW_NO_KEY),--allow-no-key) $(ENGINE_ARGS)
 

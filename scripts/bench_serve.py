@@ -6,7 +6,9 @@ served: 1, 8 and 32 concurrent clients (--clients) each send --requests requests
         streaming, then streaming. Printed: aggregate generated tokens/s (all tokens / wall time), mean
         per-client tokens/s, time to first token p50/p95 (streaming), failed requests.
 engine: llama.cpp's llama-batched-bench on the same GGUF with the server's GPU layers and flash-attention
-        setting, the same prompt/generation lengths and parallel sequences: its generation tokens/s (S_TG).
+        setting, the same prompt/generation lengths and parallel sequences: its generation tokens/s (S_TG, the
+        decoding steps alone) and its end-to-end rate (generated tokens / time for prompts + generation, the
+        same work the served figure times). The served/engine ratio is taken against the end-to-end rate.
 The benchmark starts its own server with serve.py's defaults (plus --serve-args) on a loopback port, and
 stops it before the engine runs (the server sizes its KV cache to the free GPU memory).
 """
@@ -118,8 +120,8 @@ def flag(cmd: list[str], names: tuple[str, ...], default: str) -> str:
     return default
 
 
-def engine_numbers(bench: Path, model: str, cmd: list[str], clients: list[int], args) -> dict[int, float]:
-    """S_TG (generated tokens/s) per parallel-sequence count from llama-batched-bench."""
+def engine_numbers(bench: Path, model: str, cmd: list[str], clients: list[int], args) -> dict[int, dict]:
+    """{s_tg, end_to_end} generated tokens/s per parallel-sequence count from llama-batched-bench."""
     if not bench.exists():
         log(f"no {bench}: skipping the engine comparison (run 'make vendor')")
         return {}
@@ -135,7 +137,8 @@ def engine_numbers(bench: Path, model: str, cmd: list[str], clients: list[int], 
     for line in out.stdout.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) >= 10 and re.fullmatch(r"\d+", cells[0]) and re.fullmatch(r"\d+", cells[2]):
-            numbers[int(cells[2])] = float(cells[7])  # PP TG B N_KV T_PP S_PP T_TG S_TG T S
+            pl, tg, total_s = int(cells[2]), int(cells[1]), float(cells[8])  # PP TG B N_KV T_PP S_PP T_TG S_TG T S
+            numbers[pl] = {"s_tg": float(cells[7]), "end_to_end": pl * tg / total_s}
     return numbers
 
 
@@ -159,7 +162,7 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, default=ROOT / "out" / "bench-serve")
     p.add_argument("--llama-bin", type=Path, default=ROOT / "vendor" / "llama.cpp" / "build" / "bin")
     p.add_argument("--clients", default="1,8,32", help="concurrency levels (default %(default)s)")
-    p.add_argument("--requests", type=int, default=2, help="requests per client and level")
+    p.add_argument("--requests", type=int, default=4, help="requests per client and level")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--timeout", type=float, default=600, help="seconds per request")
@@ -190,12 +193,13 @@ def main() -> None:
     print(f"\n{args.model.name}: {args.prompt_tokens}-token prompts, {args.max_tokens} generated tokens each, "
           f"{args.requests} request(s) per client; server flags: {' '.join(cmd[3:])}\n")
     print("| clients | mode | served tok/s (all clients) | per client tok/s | TTFT p50 / p95 s | failed | "
-          "engine S_TG tok/s | served / engine |")
-    print("|---|---|---|---|---|---|---|---|")
+          "engine S_TG tok/s | engine end-to-end tok/s | served / engine end-to-end |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in served:
         e = engine.get(r["clients"])
         ttft = (f"{r['ttft_p50']:.3f} / {r['ttft_p95']:.3f}" if r["ttft_p50"] is not None else "-")
-        vs = f"{e:.1f} | {r['aggregate'] / e:.0%}" if e else "- | -"
+        vs = (f"{e['s_tg']:.1f} | {e['end_to_end']:.1f} | {r['aggregate'] / e['end_to_end']:.0%}" if e
+              else "- | - | -")
         print(f"| {r['clients']} | {'stream' if r['stream'] else 'one-shot'} | {r['aggregate']:.1f} | "
               f"{r['per_client']:.1f} | {ttft} | {r['failed']}/{r['requests']} | {vs} |")
     for r in served:

@@ -90,6 +90,18 @@ def server_command(args, engine: str, binary: Path) -> list[str]:
         parallel = "32" if gpu_layers != "0" else ""
     if parallel and parallel != "0":
         cmd += ["-np", parallel]
+    on_gpu_server = engine == "llama-server" and gpu_layers != "0"
+    # Measured on an H100 with 32 clients (README, Serving): sampling each slot's 128k-token logits on the CPU
+    # stalls every decoding step; llama-server samples on the GPU instead with -bs (it falls back to the CPU by
+    # itself for requests it cannot serve that way: grammars, n_probs).
+    if args.backend_sampling == "on" or (args.backend_sampling == "auto" and on_gpu_server):
+        cmd += ["-bs"]
+    # Its host-RAM prompt cache copies a finished slot's KV cache out while every other slot waits.
+    cache_ram = args.cache_ram
+    if cache_ram == "auto":
+        cache_ram = "0" if on_gpu_server else ""
+    if cache_ram:
+        cmd += ["--cache-ram", cache_ram]
     if args.api_key:
         cmd += ["--api-key", args.api_key]
     return cmd + shlex.split(args.extra_args)
@@ -225,6 +237,11 @@ def main() -> None:
     p.add_argument("--ctx-size", type=int, default=0, help="context size (default: the engine's)")
     p.add_argument("--parallel", default="auto",
                    help="parallel slots (auto: 32 when the model is on a GPU, else the engine's choice)")
+    p.add_argument("--backend-sampling", choices=["auto", "on", "off"], default="auto",
+                   help="llama-server samples on the GPU (-bs) (auto: when the model is on a GPU)")
+    p.add_argument("--cache-ram", default="auto",
+                   help="MiB of host RAM for llama-server's prompt cache (auto: 0 when the model is on a GPU, "
+                        "else the engine's default)")
     p.add_argument("--alias", default="lora-ship", help="model name reported by the API")
     p.add_argument("--api-key", default=os.environ.get("API_KEY") or None)
     p.add_argument("--allow-no-key", action="store_true", help="allow a non-loopback host without an API key")

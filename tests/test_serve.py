@@ -51,3 +51,30 @@ def test_missing_model_file(tmp_path):
 def test_stop_without_server_is_harmless(tmp_path):
     proc = run_script("serve.py", "stop", "--pid-file", tmp_path / "pid")
     assert "no server running" in proc.stdout
+
+
+def gpu_defaults(monkeypatch, gpu: bool, engine: str = "llama-server", **overrides):
+    """The server command serve.py builds, on a machine with or without a GPU (and a CUDA build)."""
+    import argparse
+    import serve
+    monkeypatch.setattr(serve, "has_nvidia_gpu", lambda: gpu)
+    monkeypatch.setattr(serve, "has_cuda_backend", lambda _: gpu)
+    args = argparse.Namespace(model="m.gguf", host="127.0.0.1", port=8080, alias="lora-ship", gpu_layers="auto",
+                              ctx_size=0, parallel="auto", backend_sampling="auto", cache_ram="auto",
+                              api_key=None, extra_args="")
+    vars(args).update(overrides)
+    return serve.server_command(args, engine, LLAMA_SERVER)
+
+
+def test_gpu_defaults_and_overrides(monkeypatch):
+    gpu = gpu_defaults(monkeypatch, True)
+    assert gpu[gpu.index("-ngl") + 1] == "999" and gpu[gpu.index("-np") + 1] == "32"
+    assert "-bs" in gpu and gpu[gpu.index("--cache-ram") + 1] == "0"
+    cpu = gpu_defaults(monkeypatch, False)
+    assert cpu[cpu.index("-ngl") + 1] == "0"
+    assert not {"-np", "-bs", "--cache-ram"} & set(cpu)  # the engine's own choices on a CPU
+    tuned = gpu_defaults(monkeypatch, True, parallel="8", backend_sampling="off", cache_ram="4096")
+    assert tuned[tuned.index("-np") + 1] == "8" and "-bs" not in tuned
+    assert tuned[tuned.index("--cache-ram") + 1] == "4096"
+    llamafile = gpu_defaults(monkeypatch, True, engine="llamafile")  # an older engine: neither flag exists there
+    assert not {"-bs", "--cache-ram"} & set(llamafile)
