@@ -16,11 +16,15 @@ through a 16-bit GGUF that is deleted afterwards.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
+import json
 import math
 import os
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -81,6 +85,74 @@ def keep_freed_memory() -> None:
         pass
 
 
+@contextlib.contextmanager
+def stand_in_transformers(**names):
+    """While active, `from transformers import X` gives names[X] (and only those names). The converter imports
+    transformers for two things: AutoConfig, to read config.json, and AutoTokenizer, to list a BPE vocabulary.
+    Importing it costs ~2.5 s on two cores, more than merging the whole default model."""
+    if "transformers" in sys.modules:  # already paid for (tests importing this in-process): nothing to save
+        yield
+        return
+    module = types.ModuleType("transformers")
+    module.__dict__.update(names)
+    sys.modules["transformers"] = module
+    try:
+        yield
+    finally:
+        del sys.modules["transformers"]
+
+
+class ConfigFromJson:
+    """Stands in for AutoConfig in the converter. A config.json written by Transformers' save_pretrained (it
+    records transformers_version) already holds every model field, so AutoConfig(...).to_dict() would only add
+    generic defaults (generation and label settings) that the converter does not read; any other config.json
+    still goes through Transformers."""
+
+    @staticmethod
+    def from_pretrained(path, **kwargs):
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+        if "transformers_version" in config:
+            return types.SimpleNamespace(to_dict=lambda: config)
+        return importlib.import_module("transformers").AutoConfig.from_pretrained(path, **kwargs)
+
+
+class FastTokenizer:
+    """What the converter's BPE vocabulary pass (get_vocab_base) asks of a Transformers tokenizer: vocab, added
+    tokens, encode, decode, answered from tokenizer.json by the tokenizers library that Transformers' fast
+    tokenizers wrap. The converter hashes encode() of its test string against the hashes it knows (made with
+    Transformers): a tokenizer that behaved differently here would miss, and is then rerun with Transformers."""
+
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer
+        self.backend = Tokenizer.from_file(str(path))
+        self.vocab = self.backend.get_vocab(with_added_tokens=True)
+        self.added_tokens_decoder = self.backend.get_added_tokens_decoder()
+
+    def get_added_vocab(self) -> dict[str, int]:
+        return {token.content: i for i, token in self.added_tokens_decoder.items()}
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.backend.decode(ids, skip_special_tokens=False)
+
+
+def vocab_without_transformers(original):
+    """The converter's get_vocab_base, run on FastTokenizer when the model has a tokenizer.json."""
+    def get_vocab_base(self):
+        tokenizer_json = Path(self.dir_model) / "tokenizer.json"
+        if tokenizer_json.is_file() and "transformers" not in sys.modules:
+            auto = types.SimpleNamespace(from_pretrained=lambda *a, **k: FastTokenizer(tokenizer_json))
+            with stand_in_transformers(AutoTokenizer=auto):
+                try:
+                    return original(self)
+                except NotImplementedError:  # the hash is unknown: let Transformers' own tokenizer decide
+                    log("the tokenizer's pre-tokenizer hash is unknown to the converter; retrying with Transformers")
+        return original(self)
+    return get_vocab_base
+
+
 def load_converter(llama_cpp: Path):
     """Import llama.cpp's converter package (and its own gguf-py) from the vendored tree."""
     if not (llama_cpp / "convert_hf_to_gguf.py").exists():
@@ -88,7 +160,8 @@ def load_converter(llama_cpp: Path):
     if "gguf" in sys.modules and not sys.modules["gguf"].__file__.startswith(str(llama_cpp.resolve())):
         raise UserError("gguf was imported before the vendored one; import merge_gguf first")
     sys.path[:0] = [str(llama_cpp.resolve() / "gguf-py"), str(llama_cpp.resolve())]
-    import conversion
+    with stand_in_transformers(AutoConfig=ConfigFromJson):
+        import conversion
     import gguf
     return conversion, gguf
 
@@ -208,16 +281,21 @@ def write_gguf(source, outtype: str, out: Path, llama_cpp: Path, model_name: str
             model_class = conversion.get_model_class(arch)
         except NotImplementedError:
             raise UserError(f"llama.cpp's converter does not support the architecture {arch}") from None
-        model_class.index_tensors = merged_tensor_index(source, conversion, gguf)
+        model_class = type(model_class.__name__, (model_class,), {  # the converter, with our tensors and vocab
+            "model_arch": model_class.model_arch,
+            "index_tensors": merged_tensor_index(source, conversion, gguf),
+            "get_vocab_base": vocab_without_transformers(model_class.get_vocab_base)})
         with torch.inference_mode():
             model = model_class(stage, ftype, out, model_name=model_name, hparams=hparams)
             try:
                 model.write()
-            except BaseException:
+            except BaseException as e:
                 from tqdm import tqdm
                 for bar in list(getattr(tqdm, "_instances", [])):  # wipe the converter's progress bar, so the
                     bar.leave = False                               # error stays the last line printed
                     bar.close()
+                if isinstance(e, NotImplementedError):  # e.g. a BPE pre-tokenizer it does not know
+                    raise UserError(f"llama.cpp's converter cannot convert this model: {e}") from None
                 raise
 
 

@@ -88,6 +88,51 @@ def test_direct_equals_two_step_bpe_bf16_sharded(tmp_path):
     assert_same_gguf(out, two_step(base_dir, tmp_path / "ckpts", tmp_path))
 
 
+def direct_reporting_imports(base, ckpts, out, check=True):
+    """merge_gguf.py run as a script, printing at exit whether it imported transformers."""
+    import subprocess
+    import sys
+    from helpers import ROOT, SCRIPTS
+    code = ("import runpy, sys\nsys.argv = sys.argv[1:]\ntry:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+            "finally:\n    print('transformers imported:', 'transformers' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code, str(SCRIPTS / "merge_gguf.py"), "--base", str(base),
+                           "--checkpoints-dir", str(ckpts), "--out", str(out)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=900)
+    assert not check or proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_direct_reads_config_and_bpe_vocab_without_transformers(tmp_path):
+    """The converter's AutoConfig and AutoTokenizer are answered from config.json and tokenizer.json (importing
+    transformers costs more than the whole merge on small machines). A config.json that Transformers did not
+    write goes through Transformers and gives the same GGUF; a tokenizer whose hash the converter does not know
+    is retried with Transformers, then refused in one line."""
+    import json
+    import shutil
+    base_model, _ = make_tiny_llama(tmp_path / "base", "bpe")
+    make_adapter(base_model, tmp_path / "ckpts" / "a")
+    fast = direct_reporting_imports(tmp_path / "base", tmp_path / "ckpts", tmp_path / "fast.gguf")
+    assert "transformers imported: False" in fast.stdout
+
+    shutil.copytree(tmp_path / "base", tmp_path / "handmade")
+    config = json.loads((tmp_path / "handmade" / "config.json").read_text())
+    del config["transformers_version"]
+    (tmp_path / "handmade" / "config.json").write_text(json.dumps(config))
+    slow = direct_reporting_imports(tmp_path / "handmade", tmp_path / "ckpts", tmp_path / "slow.gguf")
+    assert "transformers imported: True" in slow.stdout
+    assert_same_gguf(tmp_path / "fast.gguf", tmp_path / "slow.gguf")
+
+    shutil.copytree(tmp_path / "base", tmp_path / "odd")
+    tokenizer = json.loads((tmp_path / "odd" / "tokenizer.json").read_text())
+    tokenizer["pre_tokenizer"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                                  "use_regex": True}  # GPT-2's pre-tokenizer instead of Llama 3's
+    (tmp_path / "odd" / "tokenizer.json").write_text(json.dumps(tokenizer))
+    odd = direct_reporting_imports(tmp_path / "odd", tmp_path / "ckpts", tmp_path / "odd.gguf", check=False)
+    assert odd.returncode == 1 and "retrying with Transformers" in odd.stdout + odd.stderr
+    assert "cannot convert this model: BPE pre-tokenizer was not recognized" in error_line(odd)
+    assert not (tmp_path / "odd.gguf").exists()
+
+
 def test_direct_within_one_q8_step_of_the_peft_reference(tiny_spm, tmp_path):
     """PEFT's merge_and_unload + llama.cpp's converter, against ours: every q8_0 value within one step."""
     base_dir, base_model, _ = tiny_spm
