@@ -6,6 +6,8 @@ the q/k permutation, metadata, tokenizer, which tensors stay F32. Only its tenso
 tensor is read from the base and merged with the adapter (merge_lora.MergedSource) as the converter writes it
 (the next two prefetched), so a few tensors are in memory at a time; embedding and output go in row chunks.
 Its single-threaded numpy q8_0 is replaced by a multi-threaded torch one that gives the same bytes.
+It does not import Transformers where it can do without (ConfigFromJson, FastTokenizer): that import alone
+costs more than merging the default model on two cores.
 
 The merged weights are rounded to the base's dtype before quantizing, exactly as the two-step path
 (merge_lora.py writing an HF model, then convert_gguf.py) does, so both give the same GGUF tensors.
