@@ -91,6 +91,8 @@ def server_command(args, engine: str, binary: Path) -> list[str]:
     if parallel and parallel != "0":
         cmd += ["-np", parallel]
     on_gpu_server = engine == "llama-server" and gpu_layers != "0"
+    if engine != "llama-server" and (args.backend_sampling == "on" or args.cache_ram not in ("auto", "")):
+        raise UserError("--backend-sampling on and --cache-ram are llama-server flags; pass --engine llama-server")
     # Measured on an H100 with 32 clients (README, Serving): sampling each slot's 128k-token logits on the CPU
     # stalls every decoding step; llama-server samples on the GPU instead with -bs (it falls back to the CPU by
     # itself for requests it cannot serve that way: grammars, n_probs).

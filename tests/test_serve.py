@@ -1,7 +1,10 @@
-"""Serving failures: a busy port, a server that cannot start, a public bind without a key."""
+"""Serving: failures (a busy port, a server that cannot start, a public bind without a key) and the defaults."""
 import socket
 
+import pytest
+
 from conftest import needs_llama_cpp
+from common import UserError
 from helpers import LLAMA_SERVER, error_line, free_port, run_script
 
 pytestmark = needs_llama_cpp
@@ -78,3 +81,5 @@ def test_gpu_defaults_and_overrides(monkeypatch):
     assert tuned[tuned.index("--cache-ram") + 1] == "4096"
     llamafile = gpu_defaults(monkeypatch, True, engine="llamafile")  # an older engine: neither flag exists there
     assert not {"-bs", "--cache-ram"} & set(llamafile)
+    with pytest.raises(UserError, match="llama-server flags"):
+        gpu_defaults(monkeypatch, True, engine="llamafile", backend_sampling="on")
