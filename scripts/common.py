@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -41,8 +42,13 @@ def add_checkpoint_args(p, checkpoints_dir: Path, fallback: Path | None = None) 
 
 
 def require_base(base: Path) -> None:
-    if not (Path(base) / "config.json").exists():
+    config = Path(base) / "config.json"
+    if not config.exists():
         raise UserError(f"base model folder {base} has no config.json (run 'make base' or check BASE_MODEL)")
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{config} is not valid JSON ({e})") from None
 
 
 def log(msg: str) -> None:

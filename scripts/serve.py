@@ -100,6 +100,8 @@ def server_command(args, engine: str, binary: Path) -> list[str]:
         cmd += ["-bs"]
     # Its host-RAM prompt cache copies a finished slot's KV cache out while every other slot waits.
     cache_ram = args.cache_ram
+    if cache_ram not in ("auto", "") and not cache_ram.lstrip("-").isdigit():
+        raise UserError(f"--cache-ram takes MiB (a whole number, -1 for no limit) or auto, not {cache_ram!r}")
     if cache_ram == "auto":
         cache_ram = "0" if on_gpu_server else ""
     if cache_ram:

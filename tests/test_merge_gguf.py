@@ -173,6 +173,16 @@ def test_direct_non_finite_names_the_tensor_and_writes_nothing(tiny_spm, tmp_pat
     assert list((tmp_path / "out").iterdir()) == []
 
 
+def test_direct_malformed_config_is_one_line(tiny_spm, tmp_path):
+    import shutil
+    shutil.copytree(tiny_spm[0], tmp_path / "base")
+    (tmp_path / "base" / "config.json").write_text("{not json")
+    make_adapter(tiny_spm[1], tmp_path / "ckpts" / "a")
+    proc = direct(tmp_path / "base", tmp_path / "ckpts", tmp_path / "x.gguf", check=False)
+    assert proc.returncode == 1 and "config.json is not valid JSON" in error_line(proc)
+    assert not (tmp_path / "x.gguf").exists()
+
+
 def test_direct_refuses_unknown_quant_and_missing_disk(tiny_spm, tmp_path):
     make_adapter(tiny_spm[1], tmp_path / "ckpts" / "a")
     proc = direct(tiny_spm[0], tmp_path / "ckpts", tmp_path / "x.gguf", "--quant", "q7_x", check=False)

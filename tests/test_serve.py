@@ -83,3 +83,5 @@ def test_gpu_defaults_and_overrides(monkeypatch):
     assert not {"-bs", "--cache-ram"} & set(llamafile)
     with pytest.raises(UserError, match="llama-server flags"):
         gpu_defaults(monkeypatch, True, engine="llamafile", backend_sampling="on")
+    with pytest.raises(UserError, match="--cache-ram takes MiB"):
+        gpu_defaults(monkeypatch, True, cache_ram="lots")
