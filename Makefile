@@ -117,11 +117,11 @@ $(STAMP): requirements.local.txt
 	@touch $@
 
 # ---- vendor tools ----
-vendor: $(LLAMA_BIN)/llama-server ## fetch llama.cpp at LLAMA_CPP_COMMIT and build server, quantize, perplexity, batched-bench; clone llamafile's source
+vendor: $(LLAMA_BIN)/llama-server ## fetch llama.cpp at LLAMA_CPP_COMMIT, apply patches/llama.cpp, build server, quantize, perplexity, batched-bench; clone llamafile's source
 	@$(PYTHON) scripts/fetch_llamafile.py --version $(LLAMAFILE_VERSION) --sha256 "$(LLAMAFILE_SHA256)" --source-only
 run-clone-repositories: vendor ## alias of vendor (seed name)
 
-$(LLAMA_SRC):
+$(LLAMA_SRC): $(wildcard patches/llama.cpp/*.patch)
 	$(PYTHON) scripts/vendor_llama_cpp.py fetch --commit $(LLAMA_CPP_COMMIT) --repo $(LLAMA_CPP_REPO) --log $(OUT)/logs/llama.cpp.log
 
 $(LLAMA_BIN)/llama-server: $(LLAMA_SRC)

@@ -3,12 +3,14 @@
 
 Source: a git clone of the llama.cpp repository at the pinned commit; where GitHub cannot be reached,
 the same commit's tree as vendored by the PyPI sdist of llama-cpp-python (checked against a pinned sha256),
-so a machine with only a PyPI mirror still builds the very same source.
+so a machine with only a PyPI mirror still builds the very same source. Either way the patches in
+patches/llama.cpp/ are then applied in name order (git apply, or patch -p1): small serving fixes, each
+explained in its header and in the README; a tree fetched before the patch set changed is fetched again.
 
 Build: llama-server, llama-quantize, llama-perplexity and llama-batched-bench with CMake: CUDA when nvcc and
 an NVIDIA GPU are found (or --backend cuda), else CPU.
-The build folder lives in a cache keyed by commit and backend (vendor/llama.cpp/build links to it), so a
-fresh clone of this project on the same machine reuses an earlier build instead of compiling again.
+The build folder lives in a cache keyed by commit, patch set and backend (vendor/llama.cpp/build links to
+it), so a fresh clone of this project on the same machine reuses an earlier build instead of compiling again.
 """
 from __future__ import annotations
 
@@ -33,6 +35,38 @@ SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 SDIST_TREE = "llama_cpp_python-0.3.36/vendor/llama.cpp/"
 TOOLS = ("llama-server", "llama-quantize", "llama-perplexity", "llama-batched-bench")
 MARKER = ".lora-ship-source"
+PATCH_DIR = ROOT / "patches" / "llama.cpp"
+
+
+def patch_files(patch_dir: Path = PATCH_DIR) -> list[Path]:
+    return sorted(patch_dir.glob("*.patch")) if patch_dir.is_dir() else []
+
+
+def patch_set_id(patches: list[Path]) -> str:
+    """Short hash of the patches' names and contents ("none" without patches): part of the marker and build key."""
+    if not patches:
+        return "none"
+    h = hashlib.sha256()
+    for p in patches:
+        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()[:10]
+
+
+def apply_patches(src: Path, patches: list[Path], logf) -> None:
+    """Apply each patch to the tree src, with git apply where git exists, else patch -p1; one error line if not."""
+    for p in patches:
+        if shutil.which("git"):
+            cmd = ["git", "apply", "--whitespace=nowarn", str(p.resolve())]
+        elif shutil.which("patch"):
+            cmd = ["patch", "-p1", "--forward", "--batch", "-i", str(p.resolve())]
+        else:
+            raise UserError(f"applying {p.name} needs git or patch; install one of them")
+        print("$ " + " ".join(cmd), file=logf, flush=True)
+        # the ceiling keeps git from taking src for a subfolder of an enclosing repository (this project's own)
+        env = dict(os.environ, GIT_CEILING_DIRECTORIES=str(Path(src).resolve().parent))
+        r = subprocess.run(cmd, cwd=src, env=env, stdout=logf, stderr=subprocess.STDOUT)
+        if r.returncode != 0:
+            raise UserError(f"{p} does not apply to this llama.cpp tree (log: {logf.name})")
 
 
 def cache_dir() -> Path:
@@ -91,17 +125,31 @@ def extract_from_sdist(dest: Path, logf) -> None:
         for m in tar.getmembers():
             if m.name.startswith(SDIST_TREE) and len(m.name) > len(SDIST_TREE):
                 m.name = m.name[len(SDIST_TREE):]
+                if m.name == ".git":  # a submodule link into the sdist author's repository: dangling here
+                    continue
                 members.append(m)
         tar.extractall(dest, members=members, filter="data")
 
 
+def read_marker(dest: Path) -> list[str]:
+    """[commit, origin, patch set id] of a tree this tool fetched, or [] (older markers lack the patch set)."""
+    marker = dest / MARKER
+    if not marker.exists():
+        return []
+    fields = marker.read_text().split()
+    return fields + ["none"] * (3 - len(fields))
+
+
 def fetch(args) -> None:
     dest = Path(args.dest)
-    marker = dest / MARKER
-    if marker.exists() and marker.read_text().split()[0] == args.commit:
-        log(f"llama.cpp {args.commit} already in {dest} ({marker.read_text().split()[1]})")
+    patches = patch_files(Path(args.patches))
+    patch_id = patch_set_id(patches)
+    have = read_marker(dest)
+    if have[:1] == [args.commit] and have[2] == patch_id:
+        (dest / MARKER).touch()  # newer than the patch files, for make
+        log(f"llama.cpp {args.commit} already in {dest} ({have[1]}, patch set {patch_id})")
         return
-    if dest.exists():
+    if dest.exists() and not have:
         raise UserError(f"{dest} exists but is not llama.cpp {args.commit} from this tool; remove it first "
                         f"(or run 'make clean-vendor')")
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -124,11 +172,21 @@ def fetch(args) -> None:
         for needed in ("convert_hf_to_gguf.py", "gguf-py", "tools/server", "CMakeLists.txt"):
             if not (tmp / "src" / needed).exists():
                 raise UserError(f"llama.cpp source from {origin} lacks {needed}; see {logpath}")
-        (tmp / "src" / MARKER).write_text(f"{args.commit} {origin}\n")
-        (tmp / "src").rename(dest)
+        if patches:
+            log(f"applying {len(patches)} patch(es) from {args.patches}: {', '.join(p.name for p in patches)}")
+            with open(logpath, "a") as logf:
+                apply_patches(tmp / "src", patches, logf)
+        (tmp / "src" / MARKER).write_text(f"{args.commit} {origin} {patch_id}\n")
+        if dest.exists():  # our own tree of another commit or patch set: its build stays in the cache
+            old = Path(tempfile.mkdtemp(prefix=".llama.cpp.old-", dir=dest.parent))
+            dest.rename(old / "src")
+            (tmp / "src").rename(dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            (tmp / "src").rename(dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log(f"llama.cpp {args.commit} ready in {dest} (from {origin})")
+    log(f"llama.cpp {args.commit} ready in {dest} (from {origin}, patch set {patch_id})")
 
 
 def find_nvcc() -> str | None:
@@ -140,17 +198,17 @@ def find_nvcc() -> str | None:
 
 def build(args) -> None:
     src = Path(args.dest).resolve()
-    marker = src / MARKER
-    if not marker.exists():
+    have = read_marker(src)
+    if not have:
         raise UserError(f"{src} has no llama.cpp source; run 'make vendor' first")
-    commit = marker.read_text().split()[0]
+    commit, patch_id = have[0], have[2]
     backend = args.backend
     nvcc = find_nvcc()
     if backend == "auto":  # nvcc alone is not enough: toolkits without a GPU often lack cuBLAS too
         backend = "cuda" if nvcc and has_nvidia_gpu() else "cpu"
     if backend == "cuda" and not nvcc:
         raise UserError("LLAMA_BACKEND=cuda but nvcc was not found (set CUDA_HOME or PATH)")
-    build_dir = cache_dir() / "llama.cpp-build" / f"{commit}-{backend}"
+    build_dir = cache_dir() / "llama.cpp-build" / f"{commit}-{patch_id}-{backend}"
     link = src / "build"
     bins = [build_dir / "bin" / t for t in TOOLS]
     complete = (build_dir / "BUILD_OK").exists()
@@ -204,6 +262,8 @@ def main() -> None:
     p.add_argument("--dest", default=str(ROOT / "vendor" / "llama.cpp"), help="where the source goes")
     p.add_argument("--commit", default=DEFAULT_COMMIT, help="llama.cpp commit to pin (default %(default)s)")
     p.add_argument("--repo", default=DEFAULT_REPO, help="git URL of llama.cpp")
+    p.add_argument("--patches", default=str(PATCH_DIR), help="folder of *.patch files applied after fetching "
+                   "(default: %(default)s)")
     p.add_argument("--backend", choices=["auto", "cpu", "cuda"], default="auto", help="build backend")
     p.add_argument("--jobs", type=int, default=0, help="parallel build jobs (default: all cores)")
     p.add_argument("--log", default=str(ROOT / "out" / "logs" / "llama.cpp.log"), help="log file")
