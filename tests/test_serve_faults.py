@@ -85,6 +85,19 @@ def test_32_concurrent_clients_with_no_failure(server):
     assert_still_serving(server)
 
 
+def test_an_idle_server_gives_each_request_the_lowest_free_slot(server):
+    """patches/llama.cpp/0001: busy slots stay packed at the low end (stock llama-server rotates through the
+    least recently used ones: 0, 1, 2, 3). Prompts share no prefix, so no slot is picked for a cached prompt."""
+    slots = []
+    for i in range(4):
+        words = " ".join(f"{w}{i}" for w in "north wind rose over seven hills where a miller kept three grey "
+                         "geese and a lame horse that would not pull".split())
+        status, out = completion(server, prompt=f"{i} {words}", n_predict=2)
+        assert status == 200, out
+        slots.append(out["id_slot"])
+    assert slots == [0, 0, 0, 0]
+
+
 def test_malformed_json(server):
     assert_clean_error(*request(server, "POST", "/completion", b'{"prompt": "x", "n_predict": '))
     assert_clean_error(*request(server, "POST", "/v1/chat/completions", b"[not json"))
@@ -167,3 +180,15 @@ def test_stop_then_start_again_and_a_second_serve_on_the_busy_port(gguf, tmp_pat
         assert_still_serving(f"127.0.0.1:{port}")
     finally:
         run_script("serve.py", "stop", "--pid-file", pid, check=False)
+
+
+def test_backend_sampling_with_a_new_sampler_each_request(gguf, tmp_path):
+    """patches/llama.cpp/0002: each request sets its own sampler chain on its slot (larger k, no top-k, CPU-only
+    n_probs, the defaults again) without a full re-reserve; every request must still decode."""
+    with running_server(gguf, tmp_path, extra=("--parallel", "2", "--ctx-size", str(2 * CTX),
+                                                "--backend-sampling", "on")) as url:
+        hostport = url.removeprefix("http://")
+        for fields in ({"top_k": 40}, {"top_k": 200}, {"top_k": 0}, {"n_probs": 3}, {}, {"top_k": 5, "seed": 7}):
+            status, out = completion(hostport, **fields)
+            assert status == 200 and out["tokens_predicted"] == 8, (fields, out)
+
