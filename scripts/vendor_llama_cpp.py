@@ -62,7 +62,7 @@ def apply_patches(src: Path, patches: list[Path], logf) -> None:
         else:
             raise UserError(f"applying {p.name} needs git or patch; install one of them")
         print("$ " + " ".join(cmd), file=logf, flush=True)
-        # the ceiling keeps git from taking src for a subfolder of an enclosing repository (this project's own)
+        # the ceiling keeps git from looking for a repository above src (vendor/ sits in this project's checkout)
         env = dict(os.environ, GIT_CEILING_DIRECTORIES=str(Path(src).resolve().parent))
         r = subprocess.run(cmd, cwd=src, env=env, stdout=logf, stderr=subprocess.STDOUT)
         if r.returncode != 0:

@@ -80,8 +80,8 @@ def test_the_project_patches_carry_a_reason_and_touch_only_llama_cpp_paths():
 
 
 def test_apply_patches_to_a_plain_tree_inside_another_repository(tmp_path):
-    """The sdist route's tree has no .git of its own: git must not take it for a subfolder of the enclosing
-    repository (git apply would then skip every path as outside it and still succeed)."""
+    """The sdist route's tree has no .git of its own and sits inside this project's checkout: the patch must
+    still land on the tree's own files."""
     import sys
     sys.path.insert(0, str(ROOT / "scripts"))
     import vendor_llama_cpp
