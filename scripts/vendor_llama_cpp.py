@@ -38,7 +38,7 @@ MARKER = ".lora-ship-source"
 PATCH_DIR = ROOT / "patches" / "llama.cpp"
 
 
-def patch_files(patch_dir: Path = PATCH_DIR) -> list[Path]:
+def patch_files(patch_dir: Path) -> list[Path]:
     return sorted(patch_dir.glob("*.patch")) if patch_dir.is_dir() else []
 
 
@@ -63,7 +63,7 @@ def apply_patches(src: Path, patches: list[Path], logf) -> None:
             raise UserError(f"applying {p.name} needs git or patch; install one of them")
         print("$ " + " ".join(cmd), file=logf, flush=True)
         # the ceiling keeps git from looking for a repository above src (vendor/ sits in this project's checkout)
-        env = dict(os.environ, GIT_CEILING_DIRECTORIES=str(Path(src).resolve().parent))
+        env = dict(os.environ, GIT_CEILING_DIRECTORIES=str(src.resolve().parent))
         r = subprocess.run(cmd, cwd=src, env=env, stdout=logf, stderr=subprocess.STDOUT)
         if r.returncode != 0:
             raise UserError(f"{p} does not apply to this llama.cpp tree (log: {logf.name})")

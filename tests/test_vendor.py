@@ -5,6 +5,7 @@ import subprocess
 from pathlib import Path
 
 from helpers import ROOT, error_line, run_script
+from vendor_llama_cpp import apply_patches  # scripts/ is on sys.path (conftest)
 
 
 def git(cwd: Path, *args: str) -> str:
@@ -82,14 +83,11 @@ def test_the_project_patches_carry_a_reason_and_touch_only_llama_cpp_paths():
 def test_apply_patches_to_a_plain_tree_inside_another_repository(tmp_path):
     """The sdist route's tree has no .git of its own and sits inside this project's checkout: the patch must
     still land on the tree's own files."""
-    import sys
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import vendor_llama_cpp
     git(tmp_path, "init", "-q")
     src = tmp_path / "vendor" / "tree"
     (src / "tools/server").mkdir(parents=True)
     (src / "tools/server/server.cpp").write_text("int slot = pick_lru();\n")
     patch = write_patch(tmp_path / "patches", "int slot = pick_lowest_free();")
     with open(tmp_path / "log", "w") as logf:
-        vendor_llama_cpp.apply_patches(src, [patch], logf)
+        apply_patches(src, [patch], logf)
     assert (src / "tools/server/server.cpp").read_text() == "int slot = pick_lowest_free();\n"
