@@ -39,7 +39,9 @@ PATCH_DIR = ROOT / "patches" / "llama.cpp"
 
 
 def patch_files(patch_dir: Path) -> list[Path]:
-    return sorted(patch_dir.glob("*.patch")) if patch_dir.is_dir() else []
+    if not patch_dir.is_dir():  # a mistyped --patches must not give an unpatched build silently
+        raise UserError(f"patch folder {patch_dir} does not exist")
+    return sorted(patch_dir.glob("*.patch"))
 
 
 def patch_set_id(patches: list[Path]) -> str:

@@ -68,6 +68,9 @@ def test_fetch_applies_the_patch_set_and_refetches_when_it_changes(tmp_path):
     assert (dest / "tools/server/server.cpp").read_text() == "int slot = pick_lowest_free(); // v2\n"
     assert not list(dest.parent.glob(".llama.cpp.*"))
 
+    proc = fetch(dest, tmp_path / "upstream", commit, tmp_path / "no-such-folder", tmp_path, check=False)
+    assert proc.returncode == 1 and "no-such-folder does not exist" in error_line(proc)
+
 
 def test_the_project_patches_carry_a_reason_and_touch_only_llama_cpp_paths():
     patches = sorted((ROOT / "patches" / "llama.cpp").glob("*.patch"))
