@@ -72,7 +72,9 @@ def gpu_defaults(monkeypatch, gpu: bool, engine: str = "llama-server", **overrid
 def test_gpu_defaults_and_overrides(monkeypatch):
     gpu = gpu_defaults(monkeypatch, True)
     assert gpu[gpu.index("-ngl") + 1] == "999" and gpu[gpu.index("-np") + 1] == "32"
-    assert "-bs" in gpu and gpu[gpu.index("--cache-ram") + 1] == "0"
+    # sampling stays on the CPU (on the patched server's threads) unless asked for: -bs measured slower
+    assert "-bs" not in gpu and gpu[gpu.index("--cache-ram") + 1] == "0"
+    assert "-bs" in gpu_defaults(monkeypatch, True, backend_sampling="on")
     cpu = gpu_defaults(monkeypatch, False)
     assert cpu[cpu.index("-ngl") + 1] == "0"
     assert not {"-np", "-bs", "--cache-ram"} & set(cpu)  # the engine's own choices on a CPU

@@ -192,3 +192,40 @@ def test_backend_sampling_with_a_new_sampler_each_request(gguf, tmp_path):
             status, out = completion(hostport, **fields)
             assert status == 200 and out["tokens_predicted"] == 8, (fields, out)
 
+
+
+def test_slots_sampled_together_each_get_their_own_token(gguf, tmp_path):
+    """patches/llama.cpp/0004: the slots of one batch are sampled on several threads, then accepted in slot
+    order. Greedy requests with n_probs report, from the slot's own logits, the most likely next token at each
+    step: with 4 requests decoding together, every token drawn must be that one (a token handed to the wrong
+    slot, or drawn from another slot's logits, is not)."""
+    with running_server(gguf, tmp_path, extra=("--parallel", "4", "--ctx-size", str(4 * CTX))) as url:
+        hostport = url.removeprefix("http://")
+        log = next(tmp_path.glob("server-*.log")).read_text()
+        threads_line = next(line for line in log.splitlines() if "sampling threads = " in line)
+        assert int(threads_line.rsplit("=", 1)[1]) == min(4, os.cpu_count() or 1, 16), threads_line
+
+        results, errors = {}, []
+
+        def client(c: int) -> None:
+            try:
+                status, body = request(hostport, "POST", "/completion", json.dumps({
+                    "prompt": f"{c} {'wolf ' * c}and the {c}th goose", "n_predict": 24, "temperature": 0,
+                    "top_k": 1, "n_probs": 1, "ignore_eos": True, "cache_prompt": False}).encode())
+                results[c] = (status, json.loads(body))
+            except OSError as e:
+                errors.append(repr(e))
+
+        for _ in range(3):
+            threads = [threading.Thread(target=client, args=(c,)) for c in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=300)
+            assert not errors and len(results) == 4
+            for c, (status, out) in results.items():
+                assert status == 200, out
+                steps = out["completion_probabilities"]
+                assert len(steps) == 24
+                assert [s["id"] for s in steps] == [s["top_logprobs"][0]["id"] for s in steps], c
+            results.clear()
