@@ -5,6 +5,7 @@ Llama converted here. Each fault is followed by a check that the server still an
 """
 import http.client
 import json
+import math
 import os
 import threading
 import time
@@ -229,3 +230,37 @@ def test_slots_sampled_together_each_get_their_own_token(gguf, tmp_path):
                 assert len(steps) == 24
                 assert [s["id"] for s in steps] == [s["top_logprobs"][0]["id"] for s in steps], c
             results.clear()
+
+
+def test_top_k_candidates_and_logit_biases_match_the_raw_distribution(server):
+    """patches/llama.cpp/0005: with top-k first in the chain, the k candidates come straight from the logits row
+    (biases applied after a wider cut). Against the server's own pre-sampling log-probabilities of the same
+    prompt: the candidates after top_k 8 (temperature 1, no top-p / min-p) must be the 8 most likely tokens
+    with their softmax, and banning the most likely token while raising the 12th by 5 must give the top 8 of
+    those adjusted values."""
+    prompt = "The miller's daughter spun straw into"
+    status, raw = completion(server, prompt=prompt, n_predict=1, n_probs=12, cache_prompt=False)
+    assert status == 200, raw
+    ranked = [(t["id"], t["logprob"]) for t in raw["completion_probabilities"][0]["top_logprobs"]]
+    assert len(ranked) == 12
+
+    def candidates(**fields) -> dict[int, float]:
+        status, out = completion(server, prompt=prompt, n_predict=1, n_probs=8, post_sampling_probs=True,
+                                 top_k=8, top_p=1.0, min_p=0.0, temperature=1.0, cache_prompt=False, **fields)
+        assert status == 200, out
+        return {t["id"]: t["prob"] for t in out["completion_probabilities"][0]["top_probs"]}
+
+    def expected(values: dict[int, float]) -> dict[int, float]:
+        top = sorted(values.items(), key=lambda kv: -kv[1])[:8]
+        z = sum(math.exp(v) for _, v in top)
+        return {t: math.exp(v) / z for t, v in top}
+
+    def assert_same(got: dict[int, float], want: dict[int, float]) -> None:
+        assert set(got) == set(want), (got, want)
+        for t in want:
+            assert got[t] == pytest.approx(want[t], rel=1e-3, abs=1e-6), (t, got, want)
+
+    assert_same(candidates(), expected(dict(ranked)))
+    banned, raised = ranked[0][0], ranked[11][0]
+    adjusted = {t: v + 5.0 if t == raised else v for t, v in ranked[1:]}
+    assert_same(candidates(logit_bias=[[banned, False], [raised, 5.0]]), expected(adjusted))
