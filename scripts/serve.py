@@ -94,9 +94,9 @@ def server_command(args, engine: str, binary: Path) -> list[str]:
     if engine != "llama-server" and (args.backend_sampling == "on" or args.cache_ram not in ("auto", "")):
         raise UserError("--backend-sampling on and --cache-ram are llama-server flags; pass --engine llama-server")
     # Sampling stays on the CPU by default (auto = off): our llama-server samples the busy slots on a pool of
-    # threads (patches/llama.cpp/0004), which measured faster on an H100 at 1, 8 and 32 clients than -bs's
-    # per-sequence sampler graphs on the GPU (README, Serving). on: -bs (llama-server falls back to the CPU by
-    # itself for requests it cannot serve that way: grammars, n_probs).
+    # threads (patches/llama.cpp/0004), which measured faster on an H100 at 8 and 32 clients than -bs's
+    # per-sequence sampler graphs on the GPU, and level at 1 (README, Serving). on: -bs (llama-server falls back
+    # to the CPU by itself for requests it cannot serve that way: grammars, n_probs).
     if args.backend_sampling == "on":
         cmd += ["-bs"]
     # Its host-RAM prompt cache copies a finished slot's KV cache out while every other slot waits.
