@@ -63,6 +63,15 @@ def assert_clean_error(status: int, body: bytes) -> None:
     assert json.loads(body)["error"]["message"]
 
 
+def run_together(client, n: int, timeout: float) -> None:
+    """client(0) .. client(n - 1), each on its own thread, started together; returns when all have ended."""
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+
+
 def test_32_concurrent_clients_with_no_failure(server):
     failures, done = [], []
 
@@ -77,11 +86,7 @@ def test_32_concurrent_clients_with_no_failure(server):
             except OSError as e:
                 failures.append((c, k, repr(e)))
 
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(32)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=600)
+    run_together(client, 32, timeout=600)
     assert not failures and len(done) == 96
     assert_still_serving(server)
 
@@ -210,19 +215,13 @@ def test_slots_sampled_together_each_get_their_own_token(gguf, tmp_path):
 
         def client(c: int) -> None:
             try:
-                status, body = request(hostport, "POST", "/completion", json.dumps({
-                    "prompt": f"{c} {'wolf ' * c}and the {c}th goose", "n_predict": 24, "temperature": 0,
-                    "top_k": 1, "n_probs": 1, "ignore_eos": True, "cache_prompt": False}).encode())
-                results[c] = (status, json.loads(body))
+                results[c] = completion(hostport, prompt=f"{c} {'wolf ' * c}and the {c}th goose", n_predict=24,
+                                        temperature=0, top_k=1, n_probs=1, ignore_eos=True, cache_prompt=False)
             except OSError as e:
                 errors.append(repr(e))
 
         for _ in range(3):
-            threads = [threading.Thread(target=client, args=(c,)) for c in range(4)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(timeout=300)
+            run_together(client, 4, timeout=300)
             assert not errors and len(results) == 4
             for c, (status, out) in results.items():
                 assert status == 200, out
