@@ -8,7 +8,8 @@ patches/llama.cpp/ are then applied in name order (git apply, or patch -p1): sma
 explained in its header and in the README; a tree fetched before the patch set changed is fetched again.
 
 Build: llama-server, llama-quantize, llama-perplexity and llama-batched-bench with CMake: CUDA when nvcc and
-an NVIDIA GPU are found (or --backend cuda), else CPU.
+an NVIDIA GPU are found (or --backend cuda), else CPU; tuned to this machine's CPU (llama.cpp's default), but
+without its AMX code (see NO_AMX_FLAGS).
 The build folder lives in a cache keyed by commit, patch set and backend (vendor/llama.cpp/build links to
 it), so a fresh clone of this project on the same machine reuses an earlier build instead of compiling again.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -34,6 +36,10 @@ SDIST_FILE = "llama_cpp_python-0.3.36.tar.gz"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 SDIST_TREE = "llama_cpp_python-0.3.36/vendor/llama.cpp/"
 TOOLS = ("llama-server", "llama-quantize", "llama-perplexity", "llama-batched-bench")
+# llama.cpp's AMX matrix multiply, which -march=native compiles in on Xeons with AMX (Sapphire Rapids and
+# newer), segfaults on some of them at the first request (upstream issue #20824, open, no fix at the pinned
+# commit; seen here on a 2-core AMX virtual machine). Builds leave it out; AVX-512 and the rest stay.
+NO_AMX_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 MARKER = ".lora-ship-source"
 PATCH_DIR = ROOT / "patches" / "llama.cpp"
 
@@ -198,6 +204,18 @@ def find_nvcc() -> str | None:
     return None
 
 
+def no_amx_cmake_flags() -> list[str]:
+    """CMake flags that keep AMX out of an x86-64 build; none where the compiler has no AMX to turn off."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return []
+    probe = subprocess.run([os.environ.get("CC", "cc"), *NO_AMX_FLAGS.split(), "-x", "c", "-c", "-o", os.devnull,
+                            "-"], input="", capture_output=True, text=True)
+    if probe.returncode != 0:  # a compiler too old for these flags cannot emit AMX code either
+        return []
+    return [f"-DCMAKE_{lang}_FLAGS={' '.join(filter(None, [os.environ.get(env, ''), NO_AMX_FLAGS]))}"
+            for lang, env in (("C", "CFLAGS"), ("CXX", "CXXFLAGS"))]
+
+
 def build(args) -> None:
     src = Path(args.dest).resolve()
     have = read_marker(src)
@@ -210,7 +228,8 @@ def build(args) -> None:
         backend = "cuda" if nvcc and has_nvidia_gpu() else "cpu"
     if backend == "cuda" and not nvcc:
         raise UserError("LLAMA_BACKEND=cuda but nvcc was not found (set CUDA_HOME or PATH)")
-    build_dir = cache_dir() / "llama.cpp-build" / f"{commit}-{patch_id}-{backend}"
+    cpu_flags = no_amx_cmake_flags()
+    build_dir = cache_dir() / "llama.cpp-build" / f"{commit}-{patch_id}-{backend}{'-noamx' if cpu_flags else ''}"
     link = src / "build"
     bins = [build_dir / "bin" / t for t in TOOLS]
     complete = (build_dir / "BUILD_OK").exists()
@@ -228,7 +247,7 @@ def build(args) -> None:
         logpath.parent.mkdir(parents=True, exist_ok=True)
         flags = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_UI=OFF",
                  "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-                 "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON"]
+                 "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON", *cpu_flags]
         if backend == "cuda":
             flags += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_COMPILER={nvcc}"]
             if os.environ.get("CUDA_ARCHITECTURES"):

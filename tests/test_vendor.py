@@ -1,8 +1,11 @@
 """vendor_llama_cpp.py fetch: the patch set in patches/llama.cpp is applied on top of the pinned tree, a tree of
 another patch set is fetched again, and a patch that does not apply is one error line that leaves the tree as
 it was. A local git repository stands in for GitHub (the clone route), so no network is needed."""
+import shutil
 import subprocess
 from pathlib import Path
+
+import pytest
 
 from helpers import ROOT, error_line, run_script
 from vendor_llama_cpp import apply_patches  # scripts/ is on sys.path (conftest)
@@ -94,3 +97,14 @@ def test_apply_patches_to_a_plain_tree_inside_another_repository(tmp_path):
     with open(tmp_path / "log", "w") as logf:
         apply_patches(src, [patch], logf)
     assert (src / "tools/server/server.cpp").read_text() == "int slot = pick_lowest_free();\n"
+
+
+def test_the_built_cpu_backend_leaves_out_the_amx_matmul():
+    """llama.cpp's AMX matmul segfaults on some AMX Xeons (upstream #20824; it crashed every request on this
+    project's own 2-core AMX machine): the build keeps it out with -mno-amx-*. On an AMX machine a build without
+    those flags carries ggml_backend_amx_mul_mat; a machine without AMX never compiles it in."""
+    libs = sorted((ROOT / "vendor" / "llama.cpp" / "build" / "bin").glob("libggml-cpu*.so*"))
+    if not libs or shutil.which("nm") is None:
+        pytest.skip("no llama.cpp CPU library built (make vendor) or no nm")
+    symbols = subprocess.run(["nm", "-C", str(libs[0])], capture_output=True, text=True).stdout
+    assert "ggml_backend_amx_mul_mat" not in symbols, f"{libs[0].name} carries the AMX matmul"
