@@ -4,7 +4,8 @@
 served: 1, 8 and 32 concurrent clients (--clients) each send --requests requests to /completion, a distinct
         ~--prompt-tokens prompt and exactly --max-tokens generated tokens each (ignore_eos), first without
         streaming, then streaming. Printed: aggregate generated tokens/s (all tokens / wall time), mean
-        per-client tokens/s, time to first token p50/p95 (streaming), failed requests.
+        per-client tokens/s, time to first token p50/p95 (streaming), failed requests, and the CPU the clients
+        themselves used (in cores; well under one means the Python clients did not set the pace).
 engine: llama.cpp's llama-batched-bench on the same GGUF with the server's GPU layers and flash-attention
         setting, the same prompt/generation lengths and parallel sequences: its generation tokens/s (S_TG, the
         decoding steps alone) and its end-to-end rate (generated tokens / time for prompts + generation, the
@@ -18,6 +19,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shlex
 import statistics
 import subprocess
@@ -86,18 +88,21 @@ def drive(url: str, clients: int, args, stream: bool) -> dict:
                 results.append(r)
 
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    cpu_before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
+    cpu_after = resource.getrusage(resource.RUSAGE_SELF)
+    client_cpu = (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime)
     good = [r for r in results if "error" not in r and r["tokens"] == args.max_tokens]
     ttfts = sorted(r["ttft"] for r in good if r["ttft"] is not None)
     return {"clients": clients, "stream": stream, "requests": len(results), "failed": len(results) - len(good),
             "aggregate": sum(r["tokens"] for r in good) / wall,
             "per_client": statistics.mean(r["tokens"] / r["seconds"] for r in good) if good else 0.0,
-            "ttft_p50": percentile(ttfts, 50), "ttft_p95": percentile(ttfts, 95),
+            "ttft_p50": percentile(ttfts, 50), "ttft_p95": percentile(ttfts, 95), "client_cpu": client_cpu / wall,
             "errors": sorted({r["error"] for r in results if "error" in r})[:3]}
 
 
@@ -193,15 +198,15 @@ def main() -> None:
     print(f"\n{args.model.name}: {args.prompt_tokens}-token prompts, {args.max_tokens} generated tokens each, "
           f"{args.requests} request(s) per client; server flags: {' '.join(cmd[3:])}\n")
     print("| clients | mode | served tok/s (all clients) | per client tok/s | TTFT p50 / p95 s | failed | "
-          "engine S_TG tok/s | engine end-to-end tok/s | served / engine end-to-end |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "client CPU (cores) | engine S_TG tok/s | engine end-to-end tok/s | served / engine end-to-end |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in served:
         e = engine.get(r["clients"])
         ttft = (f"{r['ttft_p50']:.3f} / {r['ttft_p95']:.3f}" if r["ttft_p50"] is not None else "-")
         vs = (f"{e['s_tg']:.1f} | {e['end_to_end']:.1f} | {r['aggregate'] / e['end_to_end']:.0%}" if e
               else "- | - | -")
         print(f"| {r['clients']} | {'stream' if r['stream'] else 'one-shot'} | {r['aggregate']:.1f} | "
-              f"{r['per_client']:.1f} | {ttft} | {r['failed']}/{r['requests']} | {vs} |")
+              f"{r['per_client']:.1f} | {ttft} | {r['failed']}/{r['requests']} | {r['client_cpu']:.2f} | {vs} |")
     for r in served:
         if r["errors"]:
             print(f"errors with {r['clients']} clients: {'; '.join(r['errors'])}")
