@@ -136,13 +136,14 @@ def http_json(url: str, body: dict | None = None, timeout: float = 120, headers:
 
 
 @contextlib.contextmanager
-def running_server(gguf: Path, tmp: Path, port: int | None = None, extra: tuple = ()):
-    """Start scripts/serve.py in the background on a free port (extra: more serve.py flags); always stop it."""
+def running_server(gguf: Path, tmp: Path, port: int | None = None, extra: tuple = (), env: dict | None = None):
+    """Start scripts/serve.py in the background on a free port (extra: more serve.py flags, env: more environment
+    for the server); always stop it."""
     port = port or free_port()
     pid_file = tmp / f"server-{port}.pid"
     run_script("serve.py", "start", "--background", "--model", gguf, "--port", port, "--pid-file", pid_file,
                "--log", tmp / f"server-{port}.log", "--engine", "llama-server", "--llama-server", LLAMA_SERVER,
-               "--timeout", 120, *extra)
+               "--timeout", 120, *extra, env=env)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:

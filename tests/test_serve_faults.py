@@ -231,6 +231,55 @@ def test_slots_sampled_together_each_get_their_own_token(gguf, tmp_path):
             results.clear()
 
 
+def stream_completion(hostport: str, **fields) -> list[dict]:
+    """The chunks of one streamed /completion, in the order they came."""
+    conn = http.client.HTTPConnection(hostport, timeout=300)
+    try:
+        conn.request("POST", "/completion", body=json.dumps({**fields, "stream": True}),
+                     headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        assert r.status == 200, r.read()[:300]
+        return [json.loads(line[6:]) for line in r if line.startswith(b"data: ")]
+    finally:
+        conn.close()
+
+
+def test_results_held_until_the_next_step_arrive_complete_and_in_order(gguf, tmp_path):
+    """patches/llama.cpp/0006: each step's results are handed to the HTTP threads after the next step is
+    launched (on by default only with a GPU; forced on here). Streams of different lengths decoding together:
+    each gets exactly its own number of tokens, then one final chunk, and the server's default on this CPU
+    build is off."""
+    with running_server(gguf, tmp_path, extra=("--parallel", "2", "--ctx-size", str(2 * CTX))) as url:
+        log = next(tmp_path.glob("server-*.log")).read_text()
+        assert "results sent while the next step runs = off" in log
+    for f in tmp_path.glob("server-*"):
+        f.unlink()
+    with running_server(gguf, tmp_path, extra=("--parallel", "4", "--ctx-size", str(4 * CTX)),
+                        env={"LLAMA_SERVER_OVERLAP_RESULTS": "1"}) as url:
+        hostport = url.removeprefix("http://")
+        log = next(tmp_path.glob("server-*.log")).read_text()
+        assert "results sent while the next step runs = on" in log
+        results, errors = {}, []
+
+        def client(c: int) -> None:
+            try:
+                results[c] = stream_completion(hostport, prompt=f"{c} geese and {'a wolf ' * c}", n_predict=4 + 5 * c,
+                                               ignore_eos=True, cache_prompt=False)
+            except (OSError, AssertionError) as e:
+                errors.append(repr(e))
+
+        for _ in range(2):
+            run_together(client, 4, timeout=300)
+            assert not errors and len(results) == 4
+            for c, chunks in results.items():
+                n_predict = 4 + 5 * c
+                assert [ch.get("stop", False) for ch in chunks] == [False] * n_predict + [True], c
+                assert [ch["tokens_predicted"] for ch in chunks] == [*range(1, n_predict + 1), n_predict], c
+                assert all(len(ch["tokens"]) == 1 for ch in chunks[:-1]), c
+            results.clear()
+        assert_still_serving(hostport)
+
+
 def test_top_k_candidates_and_logit_biases_match_the_raw_distribution(server):
     """patches/llama.cpp/0005: with top-k first in the chain, the k candidates come straight from the logits row
     (biases applied after a wider cut). Against the server's own pre-sampling log-probabilities of the same
