@@ -150,6 +150,11 @@ def running_server(gguf: Path, tmp: Path, port: int | None = None, extra: tuple 
         run_script("serve.py", "stop", "--pid-file", pid_file, check=False)
 
 
+def server_log(tmp: Path, url: str) -> str:
+    """The log running_server(gguf, tmp, ...) wrote for the server at url."""
+    return (tmp / f"server-{url.rsplit(':', 1)[1]}.log").read_text()
+
+
 def gguf_next_token_logprobs(url: str, prompt_ids: list[int], n_predict: int, n_probs: int):
     """Greedy continuation from the server with the top-`n_probs` log-probabilities at each position: always
     n_predict positions (ignore_eos), so the number compared does not hang on where the answer ends."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import needs_llama_cpp
-from helpers import LLAMA_SERVER, error_line, free_port, run_script, running_server
+from helpers import LLAMA_SERVER, error_line, free_port, run_script, running_server, server_log
 
 pytestmark = needs_llama_cpp
 CTX = 1024  # per slot: small, so that an over-long prompt is cheap to send
@@ -207,7 +207,7 @@ def test_slots_sampled_together_each_get_their_own_token(gguf, tmp_path):
     slot, or drawn from another slot's logits, is not)."""
     with running_server(gguf, tmp_path, extra=("--parallel", "4", "--ctx-size", str(4 * CTX))) as url:
         hostport = url.removeprefix("http://")
-        log = next(tmp_path.glob("server-*.log")).read_text()
+        log = server_log(tmp_path, url)
         threads_line = next(line for line in log.splitlines() if "sampling threads = " in line)
         assert int(threads_line.rsplit("=", 1)[1]) == min(4, os.cpu_count() or 1, 16), threads_line
 
@@ -250,15 +250,11 @@ def test_results_held_until_the_next_step_arrive_complete_and_in_order(gguf, tmp
     each gets exactly its own number of tokens, then one final chunk, and the server's default on this CPU
     build is off."""
     with running_server(gguf, tmp_path, extra=("--parallel", "2", "--ctx-size", str(2 * CTX))) as url:
-        log = next(tmp_path.glob("server-*.log")).read_text()
-        assert "results sent while the next step runs = off" in log
-    for f in tmp_path.glob("server-*"):
-        f.unlink()
+        assert "results sent while the next step runs = off" in server_log(tmp_path, url)
     with running_server(gguf, tmp_path, extra=("--parallel", "4", "--ctx-size", str(4 * CTX)),
                         env={"LLAMA_SERVER_OVERLAP_RESULTS": "1"}) as url:
         hostport = url.removeprefix("http://")
-        log = next(tmp_path.glob("server-*.log")).read_text()
-        assert "results sent while the next step runs = on" in log
+        assert "results sent while the next step runs = on" in server_log(tmp_path, url)
         results, errors = {}, []
 
         def client(c: int) -> None:
