@@ -6,10 +6,12 @@ served: 1, 8 and 32 concurrent clients (--clients) each send --requests requests
         streaming, then streaming. Printed: aggregate generated tokens/s (all tokens / wall time), mean
         per-client tokens/s, time to first token p50/p95 (streaming), failed requests, and the CPU the clients
         themselves used (in cores; well under one means the Python clients did not set the pace).
-engine: llama.cpp's llama-batched-bench on the same GGUF with the server's GPU layers and flash-attention
-        setting, the same prompt/generation lengths and parallel sequences: its generation tokens/s (S_TG, the
-        decoding steps alone) and its end-to-end rate (generated tokens / time for prompts + generation, the
-        same work the served figure times). The served/engine ratio is taken against the end-to-end rate.
+        Before them, one uncounted request per client at the highest level warms the server up.
+engine: llama.cpp's llama-batched-bench on the same GGUF with the server's GPU layers, flash-attention
+        setting and batch sizes (-b/-ub, where set), the same prompt/generation lengths and parallel
+        sequences: its generation tokens/s (S_TG, the decoding steps alone) and its end-to-end rate
+        (generated tokens / time for prompts + generation, the same work the served figure times).
+        The served/engine ratio is taken against the end-to-end rate.
 The benchmark starts its own server with serve.py's defaults (plus --serve-args) on a loopback port, and
 stops it before the engine runs (the server sizes its KV cache to the free GPU memory).
 """
@@ -77,13 +79,14 @@ def one_request(url: str, i: int, args, stream: bool) -> dict:
         return {"error": str(getattr(e, "reason", e))}
 
 
-def drive(url: str, clients: int, args, stream: bool) -> dict:
+def drive(url: str, clients: int, args, stream: bool, requests: int | None = None, first_id: int = 0) -> dict:
+    """clients threads, each sending requests (default --requests) requests one after the other."""
     results: list[dict] = []
     lock = threading.Lock()
 
     def client(c: int) -> None:
-        for k in range(args.requests):
-            r = one_request(url, c * 1000 + k + (100000 if stream else 0), args, stream)
+        for k in range(requests or args.requests):
+            r = one_request(url, first_id + c * 1000 + k + (100000 if stream else 0), args, stream)
             with lock:
                 results.append(r)
 
@@ -125,16 +128,25 @@ def flag(cmd: list[str], names: tuple[str, ...], default: str) -> str:
     return default
 
 
-def engine_numbers(bench: Path, model: str, cmd: list[str], clients: list[int], args) -> dict[int, dict]:
-    """{s_tg, end_to_end} generated tokens/s per parallel-sequence count from llama-batched-bench."""
-    if not bench.exists():
-        log(f"no {bench}: skipping the engine comparison (run 'make vendor')")
-        return {}
+def engine_command(bench: Path, model: str, cmd: list[str], clients: list[int], args) -> list[str]:
+    """llama-batched-bench on the served model with the server's GPU layers, flash attention and batch sizes."""
     ngl = flag(cmd, ("-ngl", "--gpu-layers", "--n-gpu-layers"), "0")
     fa = flag(cmd, ("-fa", "--flash-attn"), "auto")
     ctx = max(clients) * (args.prompt_tokens + args.max_tokens) + 256
     run = [str(bench), "-m", model, "-c", str(ctx), "-ngl", ngl, "-fa", fa, "-npp", str(args.prompt_tokens),
            "-ntg", str(args.max_tokens), "-npl", ",".join(map(str, clients))]
+    for names in (("-b", "--batch-size"), ("-ub", "--ubatch-size")):  # where the server was given them
+        if value := flag(cmd, names, ""):
+            run += [names[0], value]
+    return run
+
+
+def engine_numbers(bench: Path, model: str, cmd: list[str], clients: list[int], args) -> dict[int, dict]:
+    """{s_tg, end_to_end} generated tokens/s per parallel-sequence count from llama-batched-bench."""
+    if not bench.exists():
+        log(f"no {bench}: skipping the engine comparison (run 'make vendor')")
+        return {}
+    run = engine_command(bench, model, cmd, clients, args)
     out = subprocess.run(run, capture_output=True, text=True)
     if out.returncode != 0:
         raise UserError(f"llama-batched-bench failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -183,6 +195,10 @@ def main() -> None:
     log(f"server: {' '.join(cmd[1:])}")
     served = []
     try:
+        # Not counted: the first steps of a fresh server load GPU kernels and capture graphs for each new batch
+        # shape, which would otherwise land in whichever level runs first.
+        warm = drive(url, max(clients), args, stream=False, requests=1, first_id=500000)
+        log(f"warm-up: {warm['requests']} request(s) at {max(clients)} clients, {warm['failed']} failed")
         for stream in (False, True):
             for n in clients:
                 r = drive(url, n, args, stream)

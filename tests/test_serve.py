@@ -1,5 +1,8 @@
-"""Serving: failures (a busy port, a server that cannot start, a public bind without a key) and the defaults."""
+"""Serving: failures (a busy port, a server that cannot start, a public bind without a key), the defaults, and
+the serving benchmark."""
+import json
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -87,3 +90,37 @@ def test_gpu_defaults_and_overrides(monkeypatch):
         gpu_defaults(monkeypatch, True, engine="llamafile", backend_sampling="on")
     with pytest.raises(UserError, match="--cache-ram takes MiB"):
         gpu_defaults(monkeypatch, True, cache_ram="lots")
+
+
+def test_bench_serve_runs_the_engine_with_the_servers_batch_sizes():
+    import argparse
+    import bench_serve
+    args = argparse.Namespace(prompt_tokens=16, max_tokens=8)
+    server = ["llama-server", "-m", "m.gguf", "-ngl", "999", "-fa", "on", "-np", "32"]
+    plain = bench_serve.engine_command(Path("bb"), "m.gguf", server, [1, 8], args)
+    assert plain[plain.index("-ngl") + 1] == "999" and plain[plain.index("-fa") + 1] == "on"
+    assert plain[plain.index("-npl") + 1] == "1,8" and plain[plain.index("-c") + 1] == str(8 * 24 + 256)
+    assert not {"-b", "-ub"} & set(plain)  # the engine's own defaults, as the server's
+    tuned = bench_serve.engine_command(Path("bb"), "m.gguf", server + ["--ubatch-size", "2048", "-b", "4096"],
+                                       [1, 8], args)
+    assert tuned[tuned.index("-ub") + 1] == "2048" and tuned[tuned.index("-b") + 1] == "4096"
+
+
+def test_bench_serve_end_to_end(tiny_gguf, tmp_path):
+    """make bench-serve's script on the tiny model: every counted request succeeds, the warm-up is not counted,
+    the engine's numbers come from llama-batched-bench, and its own server is stopped afterwards."""
+    port = free_port()
+    proc = run_script("bench_serve.py", "--model", tiny_gguf, "--llama-bin", LLAMA_SERVER.parent, "--port", port,
+                      "--clients", "1,3", "--requests", 2, "--prompt-tokens", 16, "--max-tokens", 8,
+                      "--workdir", tmp_path, "--serve-args", f"--llama-server {LLAMA_SERVER} --extra-args '-ub 64'")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["clients"], r["stream"], r["requests"], r["failed"]) for r in results["served"]] == [
+        (1, False, 2, 0), (3, False, 6, 0), (1, True, 2, 0), (3, True, 6, 0)]
+    assert all(r["aggregate"] > 0 for r in results["served"])
+    assert all(r["ttft_p50"] > 0 for r in results["served"] if r["stream"])
+    assert set(results["engine"]) == {"1", "3"} and all(e["end_to_end"] > 0 for e in results["engine"].values())
+    assert "-ub" in results["server"]
+    assert "| 3 | stream |" in proc.stdout
+    assert not (tmp_path / "server.pid").exists()
+    with pytest.raises(ConnectionRefusedError):  # the benchmark's server is gone
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
