@@ -124,8 +124,15 @@ run-clone-repositories: vendor ## alias of vendor (seed name)
 $(LLAMA_SRC): $(wildcard patches/llama.cpp/*.patch)
 	$(PYTHON) scripts/vendor_llama_cpp.py fetch --commit $(LLAMA_CPP_COMMIT) --repo $(LLAMA_CPP_REPO) --log $(OUT)/logs/llama.cpp.log
 
-$(LLAMA_BIN)/llama-server: $(LLAMA_SRC)
+# Built again when the source, the build script (its flags) or LLAMA_BACKEND change; the script reuses a cached
+# build whose key (commit, patch set, backend, flags) is unchanged, so that takes a second. touch: the reused
+# binary is older than what changed.
+$(LLAMA_BIN)/llama-server: $(LLAMA_SRC) scripts/vendor_llama_cpp.py vendor/.llama-build-inputs
 	$(PYTHON) scripts/vendor_llama_cpp.py build --backend $(LLAMA_BACKEND) --log $(OUT)/logs/llama.cpp.log
+	@touch $@
+
+vendor/.llama-build-inputs: FORCE
+	@mkdir -p $(@D); echo 'backend=$(LLAMA_BACKEND)' | cmp -s - $@ || echo 'backend=$(LLAMA_BACKEND)' > $@
 
 llamafile: ## download the pinned llamafile binary (sha256-checked); offline, serving falls back to llama-server
 	@$(PYTHON) scripts/fetch_llamafile.py --version $(LLAMAFILE_VERSION) --sha256 "$(LLAMAFILE_SHA256)" --binary-only

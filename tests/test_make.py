@@ -161,3 +161,21 @@ def test_vendor_build_failure_names_the_step_and_keeps_the_log(tmp_path):
     assert proc.returncode == 1
     assert "cmake configure failed" in error_line(proc) and str(log) in error_line(proc)
     assert "boom" in log.read_text()
+
+
+def test_the_build_step_runs_again_when_its_inputs_change():
+    """A changed LLAMA_BACKEND (like a changed source, patch set or build script) re-runs the build step, which
+    picks the cached build when its key is unchanged; with nothing changed, nothing runs."""
+    built = (ROOT / "vendor" / "llama.cpp" / "build").resolve().name
+    if "-cpu" not in built:
+        pytest.skip(f"the current build is {built}: LLAMA_BACKEND=cpu would compile a second one")
+    target = "vendor/llama.cpp/build/bin/llama-server"
+    try:
+        changed = make(target, "LLAMA_BACKEND=cpu")
+        assert changed.returncode == 0, changed.stdout[-2000:] + changed.stderr[-2000:]
+        assert "vendor_llama_cpp.py build --backend cpu" in changed.stdout
+        assert "reusing the cpu build" in changed.stdout
+        again = make(target, "LLAMA_BACKEND=cpu")
+        assert again.returncode == 0 and "vendor_llama_cpp.py build" not in again.stdout
+    finally:
+        make(target)  # back to the default backend
