@@ -116,6 +116,10 @@ $(STAMP): requirements.local.txt
 	  -r $(VENV)/llama-cpp-python.txt
 	@touch $@
 
+# A stamp of make variables for file targets to depend on (FORCE runs it every time): $@ is rewritten, and so
+# looks newer, only when the text changes.
+write-if-changed = @mkdir -p $(@D); echo '$(1)' | cmp -s - $@ || echo '$(1)' > $@
+
 # ---- vendor tools ----
 vendor: $(LLAMA_BIN)/llama-server ## fetch llama.cpp at LLAMA_CPP_COMMIT, apply patches/llama.cpp, build server, quantize, perplexity, batched-bench; clone llamafile's source
 	@$(PYTHON) scripts/fetch_llamafile.py --version $(LLAMAFILE_VERSION) --sha256 "$(LLAMAFILE_SHA256)" --source-only
@@ -132,7 +136,7 @@ $(LLAMA_BIN)/llama-server: $(LLAMA_SRC) scripts/vendor_llama_cpp.py vendor/.llam
 	@touch $@
 
 vendor/.llama-build-inputs: FORCE
-	@mkdir -p $(@D); echo 'backend=$(LLAMA_BACKEND)' | cmp -s - $@ || echo 'backend=$(LLAMA_BACKEND)' > $@
+	$(call write-if-changed,backend=$(LLAMA_BACKEND))
 
 llamafile: ## download the pinned llamafile binary (sha256-checked); offline, serving falls back to llama-server
 	@$(PYTHON) scripts/fetch_llamafile.py --version $(LLAMAFILE_VERSION) --sha256 "$(LLAMAFILE_SHA256)" --binary-only
@@ -164,7 +168,7 @@ bench-train: $(BASE_DIR)/config.json | $(STAMP) ## tokens/s, peak GPU memory, he
 	$(PY) scripts/bench_train.py --base $(BASE_DIR) --dataset $(DATASET) --model $(BENCH_MODEL)
 
 $(OUT)/.merge-inputs: FORCE
-	@mkdir -p $(@D); echo '$(MERGE_INPUTS)' | cmp -s - $@ || echo '$(MERGE_INPUTS)' > $@
+	$(call write-if-changed,$(MERGE_INPUTS))
 
 # By default the merge goes straight into the GGUF (merge_gguf.py: no merged copy on disk). KEEP_MERGED=1, or
 # MERGE_METHOD=peft, writes the merged Hugging Face model to $(MERGED) first and converts that instead.
