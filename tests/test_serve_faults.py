@@ -245,10 +245,10 @@ def stream_completion(hostport: str, **fields) -> list[dict]:
 
 
 def test_results_held_until_the_next_step_arrive_complete_and_in_order(gguf, tmp_path):
-    """patches/llama.cpp/0006: each step's results are handed to the HTTP threads after the next step is
-    launched (on by default only with a GPU; forced on here). Streams of different lengths decoding together:
-    each gets exactly its own number of tokens, then one final chunk, and the server's default on this CPU
-    build is off."""
+    """patches/llama.cpp/0006: each step's streamed tokens are handed to the HTTP threads after the next step is
+    launched, a final response at once after them (on by default only with a GPU; forced on here). Streams of
+    different lengths decoding together: each gets exactly its own number of tokens, then one final chunk, and
+    the server's default on this CPU build is off."""
     with running_server(gguf, tmp_path, extra=("--parallel", "2", "--ctx-size", str(2 * CTX))) as url:
         assert "results sent while the next step runs = off" in server_log(tmp_path, url)
     with running_server(gguf, tmp_path, extra=("--parallel", "4", "--ctx-size", str(4 * CTX)),
