@@ -2,10 +2,11 @@
 """Benchmark the running server against the engine it runs, on the same model, in one run.
 
 served: 1, 8 and 32 concurrent clients (--clients) each send --requests requests to /completion, a distinct
-        ~--prompt-tokens prompt and exactly --max-tokens generated tokens each (ignore_eos), first without
-        streaming, then streaming. Printed: aggregate generated tokens/s (all tokens / wall time), mean
-        per-client tokens/s, time to first token p50/p95 (streaming), failed requests, and the CPU the clients
-        themselves used (in cores; well under one means the Python clients did not set the pace).
+        prompt of exactly --prompt-tokens tokens (ids from the server's /tokenize) and exactly --max-tokens
+        generated tokens each (ignore_eos), first without streaming, then streaming. Printed: aggregate
+        generated tokens/s (all tokens / wall time), mean per-client tokens/s, time to first token p50/p95
+        (streaming), failed requests, and the CPU the clients themselves used (in cores; well under one
+        means the Python clients did not set the pace).
         Before them, one uncounted request per client at the highest level warms the server up.
 engine: llama.cpp's llama-batched-bench on the same GGUF with the server's GPU layers, flash-attention
         setting and batch sizes (-b/-ub, where set), the same prompt/generation lengths and parallel
@@ -40,7 +41,7 @@ WORDS = ("once upon a time there lived a king who had three daughters and the yo
 
 
 def prompt_text(i: int, n_tokens: int) -> str:
-    """A distinct prompt per request (no prompt-cache hits between requests), ~1 token per word."""
+    """Text of a distinct prompt per request, ~1 token per word."""
     words = [WORDS[(i * 7 + k) % len(WORDS)] for k in range(max(n_tokens - 4, 1))]
     return f"Story {i}: " + " ".join(words)
 
@@ -53,10 +54,25 @@ def post(url: str, body: dict, api_key: str | None, timeout: float):
     return urllib.request.urlopen(req, timeout=timeout)
 
 
-def one_request(url: str, i: int, args, stream: bool) -> dict:
+def prompt_ids(url: str, i: int, args) -> list[int]:
+    """Request i's prompt as exactly --prompt-tokens token ids of the served model (BOS included), so that the
+    server gets the engine's prompt length: text alone came out 4-9 tokens longer, depending on the tokenizer,
+    which also pushed a request's last positions past the engine's 256 KV cells."""
+    try:
+        with post(url + "/tokenize", {"content": prompt_text(i, args.prompt_tokens + 16), "add_special": True},
+                  args.api_key, args.timeout) as r:
+            ids = json.loads(r.read())["tokens"]
+    except (urllib.error.URLError, OSError, json.JSONDecodeError, KeyError) as e:
+        raise UserError(f"could not tokenize a prompt on the server: {getattr(e, 'reason', e)}") from None
+    if len(ids) < args.prompt_tokens:
+        raise UserError(f"the server's tokenizer gave {len(ids)} tokens for a {args.prompt_tokens}-token prompt")
+    return ids[:args.prompt_tokens]
+
+
+def one_request(url: str, prompt: list[int], args, stream: bool) -> dict:
     """{tokens, seconds, ttft} of one /completion request, or {error}."""
-    body = {"prompt": prompt_text(i, args.prompt_tokens), "n_predict": args.max_tokens, "ignore_eos": True,
-            "stream": stream, "cache_prompt": False}
+    body = {"prompt": prompt, "n_predict": args.max_tokens, "ignore_eos": True, "stream": stream,
+            "cache_prompt": False}
     start = time.perf_counter()
     try:
         with post(url + "/completion", body, args.api_key, args.timeout) as r:
@@ -83,10 +99,14 @@ def drive(url: str, clients: int, args, stream: bool, requests: int | None = Non
     """clients threads, each sending requests (default --requests) requests one after the other."""
     results: list[dict] = []
     lock = threading.Lock()
+    n = requests or args.requests
+    # distinct prompts (no prompt-cache hits between requests), tokenized before the clock starts
+    prompts = {(c, k): prompt_ids(url, first_id + c * 1000 + k + (100000 if stream else 0), args)
+               for c in range(clients) for k in range(n)}
 
     def client(c: int) -> None:
-        for k in range(requests or args.requests):
-            r = one_request(url, first_id + c * 1000 + k + (100000 if stream else 0), args, stream)
+        for k in range(n):
+            r = one_request(url, prompts[c, k], args, stream)
             with lock:
                 results.append(r)
 

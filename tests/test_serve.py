@@ -1,6 +1,7 @@
 """Serving: failures (a busy port, a server that cannot start, a public bind without a key), the defaults, and
 the serving benchmark."""
 import json
+import re
 import socket
 from pathlib import Path
 
@@ -121,6 +122,9 @@ def test_bench_serve_end_to_end(tiny_gguf, tmp_path):
     assert set(results["engine"]) == {"1", "3"} and all(e["end_to_end"] > 0 for e in results["engine"].values())
     assert "-ub" in results["server"]
     assert "| 3 | stream |" in proc.stdout
+    # every prompt is exactly --prompt-tokens tokens, as the engine's are (the server logs each one it evaluates)
+    evaluated = re.findall(r"prompt eval time = .*/\s*(\d+) tokens", (tmp_path / "server.log").read_text())
+    assert len(evaluated) == 2 + 6 + 2 + 6 + 3 and set(evaluated) == {"16"}
     assert not (tmp_path / "server.pid").exists()
     with pytest.raises(ConnectionRefusedError):  # the benchmark's server is gone
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
