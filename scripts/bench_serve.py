@@ -56,7 +56,7 @@ def post(url: str, body: dict, api_key: str | None, timeout: float):
 
 def prompt_ids(url: str, i: int, args) -> list[int]:
     """Request i's prompt as exactly --prompt-tokens token ids of the served model (BOS included), so that the
-    server gets the engine's prompt length: text alone came out 4-9 tokens longer, depending on the tokenizer,
+    server gets the engine's prompt length: text alone came out 4-10 tokens longer, depending on the tokenizer,
     which also pushed a request's last positions past the engine's 256 KV cells."""
     try:
         with post(url + "/tokenize", {"content": prompt_text(i, args.prompt_tokens + 16), "add_special": True},
