@@ -276,12 +276,24 @@ def test_results_held_until_the_next_step_arrive_complete_and_in_order(gguf, tmp
         assert_still_serving(hostport)
 
 
-def test_top_k_candidates_and_logit_biases_match_the_raw_distribution(server):
+@pytest.fixture(scope="module")
+def top_k_server(gguf, tmp_path_factory):
+    """A server with patch 0007's output top-k forced on (by default it is on only where the model is on a GPU)."""
+    tmp = tmp_path_factory.mktemp("serve-top-k")
+    with running_server(gguf, tmp, extra=("--parallel", "4", "--ctx-size", str(4 * CTX)),
+                        env={"LLAMA_SERVER_OUTPUT_TOP_K": "64"}) as url:
+        assert "output top-k = 64, logits copied where a slot needs them" in server_log(tmp, url)
+        yield url.removeprefix("http://")
+
+
+@pytest.mark.parametrize("which", ["server", "top_k_server"])
+def test_top_k_candidates_and_logit_biases_match_the_raw_distribution(which, request):
     """patches/llama.cpp/0005: with top-k first in the chain, the k candidates come straight from the logits row
-    (biases applied after a wider cut). Against the server's own pre-sampling log-probabilities of the same
-    prompt: the candidates after top_k 8 (temperature 1, no top-p / min-p) must be the 8 most likely tokens
-    with their softmax, and banning the most likely token while raising the 12th by 5 must give the top 8 of
-    those adjusted values."""
+    (biases applied after a wider cut); with 0007's output top-k on (top_k_server), from the 64 largest logits
+    the engine kept. Against the server's own pre-sampling log-probabilities of the same prompt: the candidates
+    after top_k 8 (temperature 1, no top-p / min-p) must be the 8 most likely tokens with their softmax, and
+    banning the most likely token while raising the 12th by 5 must give the top 8 of those adjusted values."""
+    server = request.getfixturevalue(which)
     prompt = "The miller's daughter spun straw into"
     status, raw = completion(server, prompt=prompt, n_predict=1, n_probs=12, cache_prompt=False)
     assert status == 200, raw
@@ -308,3 +320,42 @@ def test_top_k_candidates_and_logit_biases_match_the_raw_distribution(server):
     banned, raised = ranked[0][0], ranked[11][0]
     adjusted = {t: v + 5.0 if t == raised else v for t, v in ranked[1:]}
     assert_same(candidates(logit_bias=[[banned, False], [raised, 5.0]]), expected(adjusted))
+
+
+def test_output_top_k_kept_by_the_engine_gives_the_same_tokens(gguf, server, top_k_server, tmp_path):
+    """patches/llama.cpp/0007: with the output top-k on, sampling starts from the 64 largest logits of each output
+    kept by the engine, and a batch in which no busy slot needs its logits row leaves the rows uncopied (top-k
+    40 first, EOS banned: none is needed). Seeded requests sent one at a time must give exactly the tokens of
+    the default server (top-k off on this CPU build, which copies and scans each row); four at once, one of
+    them asking for n_probs (a row needed for that batch), must each get all their tokens, with every drawn
+    token among the reported top 40 of its step; and the default on this CPU build is off."""
+    with running_server(gguf, tmp_path, extra=("--parallel", "2", "--ctx-size", str(2 * CTX))) as url:
+        assert "output top-k = 0, logits copied at every step" in server_log(tmp_path, url)
+
+    def seeded(host: str, c: int, **fields) -> dict:
+        status, out = completion(host, prompt=f"{c} geese {'and a wolf ' * c}went", n_predict=24, seed=11 + c,
+                                 temperature=0.8, top_k=40, ignore_eos=True, cache_prompt=False,
+                                 return_tokens=True, **fields)
+        assert status == 200, out
+        return out
+
+    for c in range(4):
+        assert seeded(top_k_server, c)["tokens"] == seeded(server, c)["tokens"], c
+
+    results, errors = {}, []
+
+    def client(c: int) -> None:
+        try:
+            results[c] = seeded(top_k_server, c, **({"n_probs": 40} if c == 2 else {}))
+        except (OSError, AssertionError) as e:
+            errors.append(repr(e))
+
+    for _ in range(2):
+        run_together(client, 4, timeout=300)
+        assert not errors and len(results) == 4
+        assert all(len(out["tokens"]) == 24 for out in results.values())
+        steps = results[2]["completion_probabilities"]
+        assert len(steps) == 24
+        assert all(s["id"] in {t["id"] for t in s["top_logprobs"]} for s in steps)
+        results.clear()
+    assert_still_serving(top_k_server)
