@@ -278,7 +278,7 @@ def test_results_held_until_the_next_step_arrive_complete_and_in_order(gguf, tmp
 
 @pytest.fixture(scope="module")
 def top_k_server(gguf, tmp_path_factory):
-    """A server with patch 0007's output top-k forced on (by default it is on only where the model is on a GPU)."""
+    """A server with patch 0007's output top-k forced on (by default it is on only where the model is on a CUDA GPU)."""
     tmp = tmp_path_factory.mktemp("serve-top-k")
     with running_server(gguf, tmp, extra=("--parallel", "4", "--ctx-size", str(4 * CTX)),
                         env={"LLAMA_SERVER_OUTPUT_TOP_K": "64"}) as url:
