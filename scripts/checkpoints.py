@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
-import torch
-
 from common import UserError
-from tensor_io import load_safetensors
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
@@ -43,13 +41,24 @@ def select_checkpoint(folder: Path, name: str | None = None, fallback: Path | No
     return validate(found[0])
 
 
+def training_step(folder: Path) -> int:
+    """The step number of a Trainer checkpoint folder (checkpoint-500 -> 500); -1 for any other name."""
+    head, _, step = folder.name.rpartition("-")
+    return int(step) if head and step.isdigit() else -1
+
+
 def validate(ckpt: Path) -> Path:
+    """ckpt itself when it holds an adapter; for a Trainer output folder (checkpoint-N/ folders inside, no
+    adapter of its own) the one checkpoint there, or the latest step of several (said on stderr)."""
     if not (ckpt / "adapter_config.json").exists():
-        nested = sorted(p.name for p in ckpt.glob("*/adapter_config.json"))
+        nested = sorted((p.parent for p in ckpt.glob("*/adapter_config.json")), key=lambda p: (training_step(p), p.name))
+        if len(nested) == 1:
+            return validate(nested[0])
         if nested:
-            inner = sorted({Path(n).parent.name for n in nested})
-            raise UserError(f"{ckpt} holds several training checkpoints ({', '.join(inner)}): "
-                            f"choose one with CHECKPOINT={ckpt.name}/{inner[-1]}")
+            names = ", ".join(p.name for p in nested)
+            print(f"{ckpt} holds {len(nested)} training checkpoints ({names}): using the latest, {nested[-1].name} "
+                  f"(CHECKPOINT={ckpt.name}/<name> to choose another)", file=sys.stderr)
+            return validate(nested[-1])
         what = "is empty" if not any(ckpt.iterdir()) else "has no adapter_config.json"
         raise UserError(f"checkpoint folder {ckpt} {what}: expected a PEFT adapter "
                         f"(adapter_config.json + adapter_model.safetensors)")
@@ -73,7 +82,12 @@ def read_adapter_config(ckpt: Path) -> dict:
     return cfg
 
 
-def read_adapter_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+def read_adapter_weights(ckpt: Path) -> dict:
+    """name -> tensor of the adapter file (safetensors, or a PyTorch pickle read with weights_only)."""
+    import torch
+
+    from tensor_io import load_safetensors
+
     st = ckpt / "adapter_model.safetensors"
     if st.exists():
         return load_safetensors(st)

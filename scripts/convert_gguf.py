@@ -79,18 +79,23 @@ def convert(model: Path, quant: str, out: Path, llama_cpp: Path, logpath: Path) 
     per_weight = CONVERTER_TYPES.get(key) or QUANTIZE_TYPES[key]
     need = n_params * per_weight + (0 if key in CONVERTER_TYPES else n_params * 2)
     require_free_space(out.parent, int(need), f"the {key} GGUF")
+    naming = []
+    if (model / "merge_info.json").exists():  # a merged model: named as merge_gguf.py names it
+        from merge_lora import gguf_model_name
+        info = json.loads((model / "merge_info.json").read_text())
+        naming = ["--model-name", gguf_model_name(Path(info["base"]), Path(info["checkpoint"]), cfg)]
     start = time.perf_counter()
     with atomic_file(out) as tmp:
         if key in CONVERTER_TYPES:
             log(f"converting {model} to {key} GGUF ...")
-            run([sys.executable, str(converter), str(model), "--outtype", key, "--outfile", str(tmp)],
+            run([sys.executable, str(converter), str(model), "--outtype", key, "--outfile", str(tmp), *naming],
                 "convert_hf_to_gguf.py", logpath)
         else:
             if not quantize.exists():
                 raise UserError(f"{quantize} not found: run 'make vendor' first")
             log(f"converting {model} to a 16-bit GGUF, then quantizing to {key} ...")
-            via_16bit(lambda mid: run([sys.executable, converter, model, "--outtype", "f16", "--outfile", mid],
-                                      "convert_hf_to_gguf.py", logpath), key, tmp, quantize, logpath)
+            via_16bit(lambda mid: run([sys.executable, converter, model, "--outtype", "f16", "--outfile", mid,
+                                       *naming], "convert_hf_to_gguf.py", logpath), key, tmp, quantize, logpath)
     log(f"wrote {out} ({human_bytes(out.stat().st_size)}) in {time.perf_counter() - start:.1f} s")
 
 

@@ -312,7 +312,7 @@ def main() -> None:
     args = p.parse_args()
 
     from checkpoints import select_checkpoint
-    from merge_lora import MergedSource
+    from merge_lora import MergedSource, gguf_model_name
 
     key = quant_key(args.quant)
     require_base(args.base)
@@ -326,12 +326,12 @@ def main() -> None:
     require_free_space(args.out.parent, int(n_params * per_weight), f"the {key} GGUF")
     log(f"merging {ckpt} into {args.base} straight into a {key} GGUF")
     start = time.perf_counter()
+    name = gguf_model_name(args.base, ckpt, source.base_cfg)
     with atomic_file(args.out) as tmp:
         if key in CONVERTER_TYPES:
-            write_gguf(source, key, tmp, args.llama_cpp, ckpt.name)
+            write_gguf(source, key, tmp, args.llama_cpp, name)
         else:
-            via_16bit(lambda mid: write_gguf(source, "f16", mid, args.llama_cpp, ckpt.name), key, tmp, quantize,
-                      args.log)
+            via_16bit(lambda mid: write_gguf(source, "f16", mid, args.llama_cpp, name), key, tmp, quantize, args.log)
     log(f"wrote {args.out} ({human_bytes(args.out.stat().st_size)}) in {time.perf_counter() - start:.1f} s")
 
 

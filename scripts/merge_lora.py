@@ -47,6 +47,10 @@ def parse_adapter(weights: dict, cfg: dict) -> tuple[dict, dict]:
         if not key.startswith(PREFIX):
             raise UserError(f"adapter tensor {key!r} is not in PEFT's layout (expected a '{PREFIX}' prefix)")
         name = key[len(PREFIX):]
+        if ".original_module." in name:  # PEFT's copy of the layer as it was, beside its modules_to_save copy
+            continue
+        # a modules_to_save layer: saved as X.weight, and with embedding layers also as X.modules_to_save.weight
+        name = name.replace(".modules_to_save.", ".")
         for suffix, role in suffixes.items():
             if name.endswith(suffix):
                 pairs.setdefault(name[: -len(suffix)], {})[role] = tensor
@@ -253,6 +257,16 @@ def copy_side_files(base_dir: Path, ckpt: Path, dest: Path) -> None:
     for name in TOKENIZER_FILES:
         if (tok_src / name).exists():
             shutil.copy2(tok_src / name, dest / name)
+
+
+def gguf_model_name(base_dir: Path, ckpt: Path, base_cfg: dict) -> str:
+    """general.name of the merged GGUF: the base's folder name and the checkpoint's, led by the model type when
+    the names do not hold it. llama.cpp keys tokenizer fixes on this name (a model named phi3/phi-3 gets the
+    whitespace after its special tokens stripped, as Phi-3's own tokenizer does), so it must name the family."""
+    name = f"{Path(base_dir).resolve().name}-{Path(ckpt).name}"
+    model_type = str(base_cfg.get("model_type", ""))
+    squashed = lambda text: "".join(c for c in text.lower() if c.isalnum())  # noqa: E731
+    return name if squashed(model_type) in squashed(name) else f"{model_type}-{name}"
 
 
 def provenance(base_dir: Path, ckpt: Path, cfg: dict, method: str, n_lora, n_replaced) -> dict:

@@ -24,27 +24,24 @@ ST_TO_DTYPE = {v: k for k, v in DTYPE_TO_ST.items()}
 
 
 class CheckpointReader:
-    """All tensors of a (possibly sharded) safetensors model folder, read lazily by name."""
+    """All tensors of a (possibly sharded) model folder, read lazily by name: safetensors, or else PyTorch's
+    pytorch_model*.bin shards (older Llama 2 and Mistral fine-tunes ship only those)."""
 
     def __init__(self, folder: Path):
         folder = Path(folder)
-        index = folder / "model.safetensors.index.json"
-        if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-        elif (folder / "model.safetensors").exists():
-            files = ["model.safetensors"]
-        else:
-            found = sorted(p.name for p in folder.glob("*.safetensors"))
-            if not found:
-                bins = sorted(p.name for p in folder.glob("pytorch_model*.bin"))
-                hint = " (it has PyTorch .bin weights: re-save them as safetensors)" if bins else ""
-                raise UserError(f"no safetensors weights in {folder}{hint}")
-            files = found
         self.folder = folder
         self._where: dict[str, str] = {}
         self._meta: dict[str, tuple[str, list[int]]] = {}
         self._offset: dict[str, int] = {}  # absolute file offset of each tensor's first byte
+        self._pickled: dict[str, torch.Tensor] = {}  # tensors of .bin shards, memory-mapped
+        files = weight_files(folder, "model.safetensors", "*.safetensors")
+        if not files:
+            bins = weight_files(folder, "pytorch_model.bin", "pytorch_model*.bin")
+            if not bins:
+                raise UserError(f"no model weights in {folder} (no *.safetensors, no pytorch_model*.bin)")
+            for name in bins:
+                self._read_pickle(name)
+            return
         for name in files:
             header = read_header(folder / name)
             data_start = 8 + header_length(folder / name)
@@ -56,6 +53,24 @@ class CheckpointReader:
                 self._where[key] = name
                 self._meta[key] = (info["dtype"], info["shape"])
                 self._offset[key] = data_start + info["data_offsets"][0]
+
+    def _read_pickle(self, name: str) -> None:
+        """A pytorch_model*.bin shard, with weights_only (no code in the pickle runs) and memory-mapped, so only
+        the rows asked for are read from disk."""
+        path = self.folder / name
+        try:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # the pre-1.6 (not zip) format cannot be memory-mapped
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many types for a damaged or unsafe pickle
+            raise UserError(f"cannot read {path}: {str(e).strip().splitlines()[0] if str(e).strip() else e}") from None
+        for key, tensor in state.items():
+            if not isinstance(tensor, torch.Tensor) or tensor.dtype not in DTYPE_TO_ST:
+                raise UserError(f"{path}: {key} is not a tensor of a supported dtype")
+            self._where[key] = name
+            self._meta[key] = (DTYPE_TO_ST[tensor.dtype], list(tensor.shape))
+            self._pickled[key] = tensor
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -75,6 +90,9 @@ class CheckpointReader:
     def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
         """Rows start:stop of a tensor (along its first dimension), read straight into a new buffer."""
         dtype, shape = ST_TO_DTYPE[self._meta[key][0]], self._meta[key][1]
+        if key in self._pickled:
+            tensor = self._pickled[key]
+            return (tensor[start:stop] if shape else tensor).clone(memory_format=torch.contiguous_format)
         row_bytes = tensor_bytes(dtype, shape[1:])
         buf = torch.empty((stop - start) * row_bytes, dtype=torch.uint8)
         with open(self.folder / self._where[key], "rb") as f:
@@ -82,6 +100,20 @@ class CheckpointReader:
             if f.readinto(buf.numpy()) != buf.numel():
                 raise UserError(f"{self.folder / self._where[key]} ends inside tensor {key}: the file is truncated")
         return buf.view(dtype).reshape([stop - start, *shape[1:]] if shape else [])
+
+
+def weight_files(folder: Path, single: str, pattern: str) -> list[str]:
+    """The weight files of one format in a model folder: those its index lists, else `single`, else every
+    file matching `pattern`."""
+    index = folder / f"{single}.index.json"
+    if index.exists():
+        try:
+            return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError) as e:
+            raise UserError(f"{index} is not a valid weight index ({e})") from None
+    if (folder / single).exists():
+        return [single]
+    return sorted(p.name for p in folder.glob(pattern))
 
 
 def header_length(path: Path) -> int:

@@ -191,8 +191,10 @@ def load_model(args, device):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
             model.enable_input_require_grads()
     model.config.use_cache = False
+    targets = lora_targets(model, args.target_modules)
+    log(f"LoRA on {','.join(targets)}")
     lora = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, bias="none",
-                      task_type="CAUSAL_LM", target_modules=args.target_modules.split(","))
+                      task_type="CAUSAL_LM", target_modules=targets)
     model = get_peft_model(model, lora)
     if args.compile:
         # regional compilation: the decoder layers are alike, so one compiled graph serves all of them
@@ -200,6 +202,26 @@ def load_model(args, device):
             layer.compile()
     model.train()
     return model
+
+
+def lora_targets(model, spec: str) -> list[str]:
+    """--target-modules: a comma-separated list, or auto: PEFT's default for the architecture (q_proj,v_proj for
+    Llama, Mistral, Qwen2/3, Gemma), else every linear layer of the attention blocks (Phi-3: qkv_proj,o_proj)."""
+    import re
+
+    import torch
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_defaults
+
+    if spec != "auto":
+        return spec.split(",")
+    if model.config.model_type in peft_defaults:
+        return list(peft_defaults[model.config.model_type])
+    found = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                    if isinstance(module, torch.nn.Linear) and re.search(r"\.(self_attn|attn|attention)\.", name)})
+    if not found:
+        raise UserError(f"no attention projections found in this {model.config.model_type} model: name the layers "
+                        f"with TRAIN_ARGS='--target-modules a,b'")
+    return found
 
 
 def make_optimizer(args, params, device):
@@ -232,7 +254,8 @@ def parse_args():
     p.add_argument("--r", type=int, default=8, help="LoRA rank")
     p.add_argument("--alpha", type=float, default=32, help="LoRA alpha")
     p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
-    p.add_argument("--target-modules", default="q_proj,v_proj", help="comma-separated module names")
+    p.add_argument("--target-modules", default="auto", help="comma-separated module names, or auto: PEFT's default "
+                   "for the architecture, else every linear layer of the attention blocks (Phi-3: qkv_proj,o_proj)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: all cores)")
     p.add_argument("--eval-every", type=int, default=0, help="held-out eval loss every N steps (0: end only)")

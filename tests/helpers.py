@@ -35,15 +35,15 @@ def error_line(proc) -> str:
 
 
 def real_tokenizer(kind: str):
-    """The real Llama 2 (spm, 32000) or Llama 3 (bpe) tokenizer rebuilt from llama.cpp's vocab GGUFs.
+    """A real tokenizer rebuilt from llama.cpp's vocab GGUFs: Llama 2 (spm, 32000), Llama 3 (bpe) or Qwen2 (qwen2).
 
-    Rebuilding the SentencePiece merges takes ~40 s on 2 cores, so the result is cached on disk.
-    """
+    Rebuilding takes 40-50 s on 2 cores, so the result is cached on disk."""
     from transformers import AutoTokenizer
     cache = Path(os.environ.get("LORA_SHIP_CACHE", Path.home() / ".cache" / "lora-ship")) / f"test-tokenizer-{kind}"
     if (cache / "tokenizer_config.json").exists():
         return AutoTokenizer.from_pretrained(cache)
-    tok = AutoTokenizer.from_pretrained(VOCABS, gguf_file=f"ggml-vocab-llama-{kind}.gguf")
+    vocab = {"spm": "llama-spm", "bpe": "llama-bpe"}.get(kind, kind)
+    tok = AutoTokenizer.from_pretrained(VOCABS, gguf_file=f"ggml-vocab-{vocab}.gguf")
     if kind == "bpe":
         tok = llama3_tokenizer(tok)
     if tok.pad_token is None:
@@ -52,6 +52,13 @@ def real_tokenizer(kind: str):
     save_tokenizer(tok, tmp)
     tmp.rename(cache)
     return AutoTokenizer.from_pretrained(cache)
+
+
+def vocab_test_cases(vocab: str) -> list[tuple[str, list[int]]]:
+    """llama.cpp's tokenizer test vectors for models/ggml-vocab-<vocab>.gguf: (text, ids without BOS)."""
+    texts = (VOCABS / f"ggml-vocab-{vocab}.gguf.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
+    ids = (VOCABS / f"ggml-vocab-{vocab}.gguf.out").read_text(encoding="utf-8").split("\n")
+    return [(text, [int(i) for i in line.split()]) for text, line in zip(texts, ids)]
 
 
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"

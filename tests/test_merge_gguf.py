@@ -13,7 +13,7 @@ from helpers import error_line, make_adapter, make_tiny_llama, run_script
 
 pytestmark = needs_llama_cpp
 # general.name / general.finetune come from folder names, which differ between the two paths by design
-NAMING_KEYS = {"general.name", "general.finetune", "GGUF.kv_count"}
+NAMING_KEYS = {"general.name", "general.basename", "general.finetune", "GGUF.kv_count"}
 
 
 def direct(base, ckpts, out, *extra, check=True, env=None):

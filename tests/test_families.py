@@ -1,0 +1,138 @@
+"""Every family through every stage: a tiny random Mistral, Qwen2, Qwen3, Gemma 2 and Phi-3 with a LoRA on all
+its linear layers, merged both ways into GGUF, against PEFT's own merge of the same adapter.
+
+- f32 GGUF logits (llama.cpp through llama-cpp-python, f32 KV cache) against PEFT's merged fp32 model on the
+  same ids: relative error <= 1e-3 at every position, top-1 agreement >= 99%;
+- the direct merge (merge_gguf.py) and the two-step one (merge_lora.py + convert_gguf.py) give the same GGUF;
+- q8_0 within one quantization step of the f32 GGUF in every block;
+- served: /apply-template renders the family's chat template as Transformers does, and /tokenize gives the HF
+  tokenizer's ids (and llama.cpp's own test vectors) on the vocab's test strings.
+The Llama 2 and Llama 3 path is covered by test_merge*.py and test_pipeline.py.
+"""
+import copy
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import needs_llama_cpp
+from families import FAMILIES, make_family_model
+from helpers import LLAMA_SERVER, http_json, make_adapter, run_script, running_server, vocab_test_cases
+from test_merge_gguf import assert_same_gguf, tensors
+
+pytestmark = needs_llama_cpp
+CHAT = [{"role": "user", "content": "Tell me a fairy tale about a frog."},
+        {"role": "assistant", "content": "Once upon a time a frog lived in a well."},
+        {"role": "user", "content": "And then?"}]
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tmp_path_factory):
+    """(family, tmp, base folder, tokenizer, PEFT's merged fp32 model, checkpoints folder)."""
+    fam = FAMILIES[request.param]
+    tmp = tmp_path_factory.mktemp(fam.name)
+    base_model, tok = make_family_model(fam, tmp / "base")
+    peft_model = make_adapter(base_model, tmp / "ckpts" / "adapter", target_modules="all-linear", r=8,
+                              lora_alpha=16)
+    merged = copy.deepcopy(peft_model).merge_and_unload().eval()
+    merged.config._attn_implementation = "eager"  # Gemma 2's soft-capping is only in the eager attention
+    return fam, tmp, tmp / "base", tok, merged, tmp / "ckpts"
+
+
+def merge_gguf(base, ckpts, out, quant):
+    run_script("merge_gguf.py", "--base", base, "--checkpoints-dir", ckpts, "--out", out, "--quant", quant,
+               "--log", out.with_suffix(".log"))
+    return out
+
+
+def llama_cpp_logits(gguf, ids: list[int]) -> np.ndarray:
+    """Logits at every position, from llama.cpp's own library with an f32 KV cache (no f16 rounding)."""
+    os.environ.setdefault("LLAMA_CPP_LIB_PATH", str(LLAMA_SERVER.parent))
+    from llama_cpp import Llama
+    llm = Llama(str(gguf), n_ctx=128, n_batch=128, logits_all=True, type_k=0, type_v=0, verbose=False)
+    try:
+        llm.eval(ids)
+        return np.array(llm.scores[:len(ids)], dtype=np.float64)
+    finally:
+        llm.close()
+
+
+def test_f32_gguf_logits_equal_peft_merge(family):
+    fam, tmp, base, tok, merged, ckpts = family
+    gguf = merge_gguf(base, ckpts, tmp / "direct.f32.gguf", "f32")
+    ids = torch.randint(0, len(tok), (96,), generator=torch.Generator().manual_seed(1)).tolist()
+    ids = [tok.bos_token_id, *ids] if tok.bos_token_id is not None else ids
+    with torch.no_grad():
+        ref = merged(torch.tensor([ids])).logits[0, :, :len(tok)].double().numpy()
+    ours = llama_cpp_logits(gguf, ids)[:, :len(tok)]
+    rel = np.linalg.norm(ours - ref, axis=1) / np.linalg.norm(ref, axis=1)
+    top1 = float(np.mean(ours.argmax(1) == ref.argmax(1)))
+    print(f"{fam.name}: max relative error {rel.max():.2e}, top-1 agreement {top1:.3f} over {len(ids)} positions")
+    assert rel.max() <= 1e-3, rel.max()
+    assert top1 >= 0.99
+    # and the adapter mattered: the base's logits are far from these
+    from transformers import AutoModelForCausalLM
+    base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        plain = base_model(torch.tensor([ids])).logits[0, :, :len(tok)].double().numpy()
+    assert (np.linalg.norm(plain - ref, axis=1) / np.linalg.norm(ref, axis=1)).min() > 1e-2
+
+
+def test_two_step_and_q8_0(family):
+    """merge_lora.py + convert_gguf.py gives the direct merge's GGUF; q8_0 is within one step of f32."""
+    fam, tmp, base, tok, merged, ckpts = family
+    f32 = tmp / "direct.f32.gguf"
+    if not f32.exists():
+        merge_gguf(base, ckpts, f32, "f32")
+    run_script("merge_lora.py", "--base", base, "--checkpoints-dir", ckpts, "--out", tmp / "merged")
+    run_script("convert_gguf.py", "--model", tmp / "merged", "--quant", "f32", "--out", tmp / "two-step.f32.gguf",
+               "--log", tmp / "convert.log")
+    assert_same_gguf(f32, tmp / "two-step.f32.gguf")
+    q8 = merge_gguf(base, ckpts, tmp / "direct.q8_0.gguf", "q8_0")
+    from gguf.quants import dequantize
+    exact, quantized = tensors(f32), tensors(q8)
+    assert sorted(exact) == sorted(quantized)
+    for name, t in quantized.items():
+        if t.tensor_type.name != "Q8_0":
+            continue
+        ref = np.asarray(exact[name].data, dtype=np.float32).reshape(-1, 32)
+        step = np.abs(ref).max(axis=1, keepdims=True) / 127
+        assert np.all(np.abs(dequantize(t.data, t.tensor_type).reshape(-1, 32) - ref) <= step * 1.01 + 1e-12), name
+    assert any(t.tensor_type.name == "Q8_0" for t in quantized.values())
+
+
+def test_served_template_and_tokenizer(family, tmp_path):
+    fam, tmp, base, tok, merged, ckpts = family
+    q8 = tmp / "direct.q8_0.gguf"
+    if not q8.exists():
+        merge_gguf(base, ckpts, q8, "q8_0")
+    hf_prompt = tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
+    adds_bos = tok.bos_token_id is not None and tok("a")["input_ids"][0] == tok.bos_token_id
+    with running_server(q8, tmp_path) as url:
+        _, rendered = http_json(url + "/apply-template", {"messages": CHAT})
+        # the server leaves out a leading BOS text where tokenizing the prompt adds BOS itself
+        assert rendered["prompt"] == (hf_prompt.removeprefix(tok.bos_token) if adds_bos else hf_prompt)
+        if fam.vocab_test is None:
+            return
+        _, served = http_json(url + "/tokenize", {"content": rendered["prompt"], "add_special": True,
+                                                   "parse_special": True})
+        assert served["tokens"] == tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True)
+        cases = vocab_test_cases(fam.vocab_test)
+        assert len(cases) > 30
+        for text, want in cases:
+            hf = tok.encode(text, add_special_tokens=False)
+            _, served = http_json(url + "/tokenize", {"content": text})
+            assert hf == want, (fam.vocab_test, text)  # the rebuilt tokenizer is the real one
+            assert served["tokens"] == hf, (fam.vocab_test, text)
+
+
+def test_merged_config_is_the_base_config(family):
+    """The merged HF model keeps the family's class and every config quirk (tied embeddings, soft-capping)."""
+    fam, tmp, base, tok, merged, ckpts = family
+    if not (tmp / "merged").exists():
+        run_script("merge_lora.py", "--base", base, "--checkpoints-dir", ckpts, "--out", tmp / "merged")
+    cfg = json.loads((tmp / "merged" / "config.json").read_text())
+    assert cfg["architectures"] == [type(merged).__name__]
+    assert cfg == json.loads((base / "config.json").read_text())
