@@ -111,8 +111,9 @@ def make_tiny_llama(folder: Path, kind: str = "spm", dtype=torch.float32, seed: 
     return model, tok
 
 
-def make_adapter(base_model, folder: Path, seed: int = 1, **lora_kwargs):
-    """A PEFT LoRA adapter on `base_model` with random, non-zero A and B, saved to `folder`."""
+def make_adapter(base_model, folder: Path, seed: int = 1, save_kwargs: dict | None = None, **lora_kwargs):
+    """A PEFT LoRA adapter on `base_model` with random, non-zero A and B, saved to `folder` (save_kwargs: more
+    arguments of PEFT's save_pretrained)."""
     from peft import LoraConfig, get_peft_model
     import copy
     kwargs = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0}
@@ -125,7 +126,7 @@ def make_adapter(base_model, folder: Path, seed: int = 1, **lora_kwargs):
                 p.normal_(0, 0.2)
             elif "modules_to_save" in name:
                 p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, **(save_kwargs or {}))
     return model
 
 

@@ -136,3 +136,36 @@ def test_merged_config_is_the_base_config(family):
     cfg = json.loads((tmp / "merged" / "config.json").read_text())
     assert cfg["architectures"] == [type(merged).__name__]
     assert cfg == json.loads((base / "config.json").read_text())
+
+
+def test_train_follows_the_family(family):
+    """`make train`'s defaults on each family: PEFT's target modules for the architecture (Phi-3 has none there:
+    its attention projections, fused qkv_proj and o_proj), the family's chat template; the result merges."""
+    from test_train import some_tales, train, write_tales
+    fam, tmp, base, tok, merged, ckpts = family
+    data = write_tales(tmp / "tales.jsonl", some_tales(4))
+    out = tmp / "trained" / "run"
+    proc = train(base, data, out, "--steps", "2", "--recipe", "cpu")
+    targets = set(json.loads((out / "adapter_config.json").read_text())["target_modules"])
+    assert targets == ({"qkv_proj", "o_proj"} if fam.name == "phi3" else {"q_proj", "v_proj"}), targets
+    assert f"LoRA on {','.join(sorted(targets))}" in proc.stdout.replace("v_proj,q_proj", "q_proj,v_proj")
+    saved = json.loads((out / "tokenizer_config.json").read_text()).get("chat_template") or (
+        out / "chat_template.jinja").read_text()
+    assert saved == tok.chat_template
+    merge_gguf(base, out.parent, tmp / "trained.q8_0.gguf", "q8_0")
+
+
+def test_slow_tokenizer_only_base(tmp_path):
+    """A base that ships only tokenizer.model (no tokenizer.json): Transformers converts it (protobuf and
+    sentencepiece must agree), training and the merge into GGUF both work."""
+    from test_train import some_tales, train, write_tales
+    make_family_model(FAMILIES["mistral"], tmp_path / "base")
+    (tmp_path / "base" / "tokenizer.json").unlink()
+    config = json.loads((tmp_path / "base" / "tokenizer_config.json").read_text())
+    config["tokenizer_class"] = "LlamaTokenizer"
+    (tmp_path / "base" / "tokenizer_config.json").write_text(json.dumps(config))
+    data = write_tales(tmp_path / "tales.jsonl", some_tales(2))
+    train(tmp_path / "base", data, tmp_path / "ckpts" / "run", "--steps", "1", "--recipe", "cpu")
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # the merge takes the base's slow-only tokenizer
+        (tmp_path / "ckpts" / "run" / name).unlink()
+    merge_gguf(tmp_path / "base", tmp_path / "ckpts", tmp_path / "m.q8_0.gguf", "q8_0")

@@ -86,6 +86,64 @@ def test_resized_vocabulary_with_modules_to_save(tiny_spm, tmp_path):
     assert_same_logits(tmp_path / "merged", merged_by_peft(peft_model), atol=1e-4)
 
 
+@pytest.mark.parametrize("layout", ["modules_to_save", "embedding_lora"])
+def test_resized_vocabulary_as_peft_saves_embedding_layers(tiny_spm, tmp_path, layout):
+    """PEFT 0.21's save_pretrained(save_embedding_layers=True), what it does by itself when the vocabulary grew:
+    each modules_to_save layer under three keys (X.weight, X.modules_to_save.weight, X.original_module.weight);
+    with LoRA on the embedding layers, X.base_layer.weight."""
+    from safetensors import safe_open
+    base_dir, base_model, _ = tiny_spm
+    grown = copy.deepcopy(base_model)
+    grown.resize_token_embeddings(base_model.config.vocab_size + 8)
+    kwargs = {"modules_to_save": {"modules_to_save": ["embed_tokens", "lm_head"]},
+              "embedding_lora": {"target_modules": ["embed_tokens", "q_proj", "lm_head"]}}[layout]
+    peft_model = make_adapter(grown, tmp_path / "ckpts" / "a", save_kwargs={"save_embedding_layers": True}, **kwargs)
+    with safe_open(tmp_path / "ckpts" / "a" / "adapter_model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    marker = "lm_head.original_module.weight" if layout == "modules_to_save" else "lm_head.base_layer.weight"
+    assert f"base_model.model.{marker}" in keys
+    merge(base_dir, tmp_path / "ckpts", tmp_path / "merged")
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["vocab_size"] == len(grown.lm_head.weight)
+    assert_same_logits(tmp_path / "merged", merged_by_peft(peft_model), atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["adapter_bin", "regex_targets", "layers_to_transform", "bin_base"])
+def test_other_file_layouts(tiny_spm, tmp_path, layout):
+    """adapter_model.bin (PyTorch pickle, read with weights_only), target_modules as a regex string,
+    layers_to_transform, and a base that ships only pytorch_model-*.bin shards (older Llama 2 / Mistral)."""
+    base_dir, base_model, tok = tiny_spm
+    kwargs = {"regex_targets": {"target_modules": r".*\.(k|o)_proj"},
+              "layers_to_transform": {"target_modules": ["q_proj", "down_proj"], "layers_to_transform": [1]}}
+    save = {"safe_serialization": False} if layout == "adapter_bin" else None
+    peft_model = make_adapter(base_model, tmp_path / "ckpts" / "a", save_kwargs=save, **kwargs.get(layout, {}))
+    if layout == "adapter_bin":
+        assert sorted(p.name for p in (tmp_path / "ckpts" / "a").glob("adapter_model.*")) == ["adapter_model.bin"]
+    if layout == "bin_base":
+        base_dir = tmp_path / "bin-base"
+        base_model.save_pretrained(base_dir, safe_serialization=False, max_shard_size="2MB")
+        tok.save_pretrained(base_dir)
+        assert len(list(base_dir.glob("pytorch_model-*.bin"))) > 1 and not list(base_dir.glob("*.safetensors"))
+    merge(base_dir, tmp_path / "ckpts", tmp_path / "merged")
+    assert_same_logits(tmp_path / "merged", merged_by_peft(peft_model), atol=1e-4)
+
+
+def test_trainer_output_folder_uses_its_latest_checkpoint(tiny_spm, tmp_path):
+    """A Trainer's output_dir dropped in whole: its one checkpoint-N, or the highest step of several (said)."""
+    base_dir, base_model, _ = tiny_spm
+    run = tmp_path / "ckpts" / "trainer_run"
+    first = make_adapter(base_model, run / "checkpoint-500")
+    (run / "checkpoint-500" / "trainer_state.json").write_text("{}")
+    merge(base_dir, tmp_path / "ckpts", tmp_path / "one")
+    assert_same_logits(tmp_path / "one", merged_by_peft(first), atol=1e-4)
+    make_adapter(base_model, run / "checkpoint-900", seed=5)
+    latest = make_adapter(base_model, run / "checkpoint-1000", seed=9)
+    proc = merge(base_dir, tmp_path / "ckpts", tmp_path / "latest")
+    assert "3 training checkpoints" in proc.stderr and "using the latest, checkpoint-1000" in proc.stderr
+    assert_same_logits(tmp_path / "latest", merged_by_peft(latest), atol=1e-4)
+    merge(base_dir, tmp_path / "ckpts", tmp_path / "chosen", "--checkpoint", "trainer_run/checkpoint-500")
+    assert_same_logits(tmp_path / "chosen", merged_by_peft(first), atol=1e-4)
+
+
 def test_trainer_checkpoint_folder_is_accepted(tiny_spm, tmp_path):
     base_dir, base_model, _ = tiny_spm
     ckpt = tmp_path / "ckpts" / "checkpoint-500"
