@@ -85,12 +85,12 @@ ifeq ($(strip $(USER_CHECKPOINTS)$(CHECKPOINT)),)
 endif
 MERGE_INPUTS := $(BASE_DIR) $(CHECKPOINT) $(MERGE_METHOD) $(sort $(USER_CHECKPOINTS)) $(FALLBACK_ARG)
 
-.PHONY: all help install vendor llamafile base merge quantize serve serve-bg stop chat train test clean \
+.PHONY: all help install check vendor llamafile base merge quantize serve serve-bg stop chat train test clean \
         package generate compare bench-merge bench-train bench-serve test-serve eval data \
         clean-vendor FORCE run-install-python-dependencies run-download-llamafile run-clone-repositories \
         run-merge-models run-quantize-llama-model
 
-all: install vendor llamafile base merge quantize serve-bg ## the whole pipeline: install, build, merge, quantize, serve in the background
+all: install check vendor llamafile base merge quantize serve-bg ## the whole pipeline: install, check inputs, build, merge, quantize, serve in the background
 
 help: ## list targets and variables
 	@echo "Targets:"
@@ -120,6 +120,12 @@ $(STAMP): requirements.local.txt
 # looks newer, only when the text changes.
 write-if-changed = @mkdir -p $(@D); echo '$(1)' | cmp -s - $@ || echo '$(1)' > $@
 
+# ---- inputs ----
+# QUANT, BASE_MODEL, the checkpoint and its fit to the base, checked in seconds before the long steps (it runs
+# first in `make`, and before the demo training and the merge, which are order-only on it)
+check: | $(STAMP) ## check QUANT, BASE_MODEL, CHECKPOINT, the adapter's config, its fit to the base and the tokenizer files
+	@$(PY) scripts/check_inputs.py --quant "$(QUANT)" --base-model "$(BASE_MODEL)" $(MERGE_ARGS)
+
 # ---- vendor tools ----
 vendor: $(LLAMA_BIN)/llama-server ## fetch llama.cpp at LLAMA_CPP_COMMIT, apply patches/llama.cpp, build server, quantize, perplexity, batched-bench; clone llamafile's source
 	@$(PYTHON) scripts/fetch_llamafile.py --version $(LLAMAFILE_VERSION) --sha256 "$(LLAMAFILE_SHA256)" --source-only
@@ -148,7 +154,7 @@ base: $(BASE_DIR)/config.json ## the base model as a Hugging Face folder (BASE_M
 $(BASE_DIR)/config.json: | $(STAMP)
 	$(PY) scripts/prepare_base.py --base-model "$(BASE_MODEL)" --out $(BASE_DIR) --cache $(OUT)/cache
 
-$(DEMO_CKPT)/adapter_config.json: $(BASE_DIR)/config.json $(DATASET) | $(STAMP)
+$(DEMO_CKPT)/adapter_config.json: $(BASE_DIR)/config.json $(DATASET) | $(STAMP) check
 	@echo ">>> No checkpoint in $(CHECKPOINTS_DIR)/: training a small demo LoRA adapter on the Grimm tales"
 	@echo ">>> ($(DEMO_STEPS) steps, about 2 minutes on 2 cores). To merge your own, copy its folder"
 	@echo ">>> (adapter_config.json + adapter_model.safetensors) into $(CHECKPOINTS_DIR)/ and run make again."
@@ -178,17 +184,17 @@ CONVERT_TOOLS := $(if $(filter $(CONVERTER_QUANTS),$(QUANT)),$(LLAMA_SRC),$(LLAM
 MERGE_ARGS = --base $(BASE_DIR) --checkpoints-dir $(CHECKPOINTS_DIR) $(if $(CHECKPOINT),--checkpoint "$(CHECKPOINT)") \
   $(FALLBACK_ARG)
 
-$(MERGED)/config.json: $(BASE_DIR)/config.json $(CHECKPOINT_FILES) $(OUT)/.merge-inputs | $(STAMP)
+$(MERGED)/config.json: $(BASE_DIR)/config.json $(CHECKPOINT_FILES) $(OUT)/.merge-inputs | $(STAMP) check
 	$(PY) scripts/merge_lora.py $(MERGE_ARGS) --method $(MERGE_METHOD) --out $(MERGED)
 
 ifneq ($(KEEP_MERGED)$(filter peft,$(MERGE_METHOD)),)
 merge: $(MERGED)/config.json ## merge the checkpoint (CHECKPOINTS_DIR, or CHECKPOINT=) into the base: straight into the GGUF; KEEP_MERGED=1 also keeps an HF copy in out/merged
-$(GGUF): $(MERGED)/config.json | $(CONVERT_TOOLS) $(STAMP)
+$(GGUF): $(MERGED)/config.json | $(CONVERT_TOOLS) $(STAMP) check
 	$(PY) scripts/convert_gguf.py --model $(MERGED) --quant $(QUANT) --out $@ --llama-cpp $(LLAMA_CPP) \
 	  --log $(OUT)/logs/convert.log
 else
 merge: $(GGUF)
-$(GGUF): $(BASE_DIR)/config.json $(CHECKPOINT_FILES) $(OUT)/.merge-inputs | $(CONVERT_TOOLS) $(STAMP)
+$(GGUF): $(BASE_DIR)/config.json $(CHECKPOINT_FILES) $(OUT)/.merge-inputs | $(CONVERT_TOOLS) $(STAMP) check
 	$(PY) scripts/merge_gguf.py $(MERGE_ARGS) --quant $(QUANT) --out $@ --llama-cpp $(LLAMA_CPP) \
 	  --log $(OUT)/logs/convert.log
 endif

@@ -51,6 +51,12 @@ def require_base(base: Path) -> None:
         raise UserError(f"{config} is not valid JSON ({e})") from None
 
 
+def squashed(name: str) -> str:
+    """A model name compared loosely: lower case, letters and digits only ("meta-llama/Llama-2-7b-hf" and the
+    folder "meta-llama--Llama-2-7b-hf" are the same)."""
+    return "".join(c for c in name.lower() if c.isalnum())
+
+
 def log(msg: str) -> None:
     print(f"[{Path(sys.argv[0]).stem}] {msg}", flush=True)
 

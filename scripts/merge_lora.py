@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    UserError, add_checkpoint_args, atomic_dir, human_bytes, log, require_base, require_free_space, run_main)
+    UserError, add_checkpoint_args, atomic_dir, human_bytes, log, require_base, require_free_space, run_main, squashed)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "chat_template.json", "added_tokens.json", "vocab.json", "merges.txt")
@@ -32,13 +32,19 @@ UNSUPPORTED = {"lora_bias": "LoRA bias terms", "layer_replication": "layer repli
                "use_qalora": "QALoRA", "use_bdlora": "BD-LoRA"}
 
 
-def parse_adapter(weights: dict, cfg: dict) -> tuple[dict, dict]:
-    """Split adapter tensors into LoRA pairs per module and whole-tensor replacements (modules_to_save)."""
+def check_adapter_config(cfg: dict) -> None:
+    """Refuse adapter_config.json switches the merge does not implement, rather than merge wrong."""
     for key, what in UNSUPPORTED.items():
         if cfg.get(key):
             raise UserError(f"this adapter uses {what} ({key}={cfg[key]!r}), which the merge does not support")
     if cfg.get("bias", "none") != "none":
         raise UserError(f"this adapter trains biases (bias={cfg['bias']!r}), which the merge does not support")
+
+
+def parse_adapter(weights: dict, cfg: dict) -> tuple[dict, dict]:
+    """Split adapter tensors into LoRA pairs per module and whole-tensor replacements (modules_to_save).
+    Only the tensors' shapes are read here (check_inputs.py passes shapes alone)."""
+    check_adapter_config(cfg)
     pairs: dict[str, dict] = {}
     replace: dict[str, object] = {}
     suffixes = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "emb_A",
@@ -131,6 +137,9 @@ class MergedSource:
         self.lora = LoraConfig.from_dict(self.adapter_cfg)
         self.base_cfg = json.loads((self.base_dir / "config.json").read_text())
         self.base = CheckpointReader(self.base_dir)
+        check_tokenizer(tokenizer_source(self.base_dir, self.ckpt))
+        if warning := recorded_base_differs(self.adapter_cfg, self.base_dir):
+            print(warning, file=sys.stderr)
         self.pairs, self.replace = parse_adapter(read_adapter_weights(ckpt), self.adapter_cfg)
         self.out_dtype = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16,
                           "fp32": torch.float32}[out_dtype_name]
@@ -237,6 +246,8 @@ def merge_peft(base_dir: Path, ckpt: Path, out: Path, out_dtype_name: str) -> di
     from checkpoints import read_adapter_config
 
     cfg = read_adapter_config(ckpt)
+    check_adapter_config(cfg)
+    check_tokenizer(tokenizer_source(base_dir, ckpt))
     dtype = {"auto": "auto", "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[out_dtype_name]
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
     model = PeftModel.from_pretrained(model, ckpt).merge_and_unload()
@@ -248,12 +259,54 @@ def merge_peft(base_dir: Path, ckpt: Path, out: Path, out_dtype_name: str) -> di
     return info
 
 
+def tokenizer_source(base_dir: Path, ckpt: Path) -> Path:
+    """The checkpoint when it carries a tokenizer (with the chat template it was trained with), else the base."""
+    return ckpt if (ckpt / "tokenizer_config.json").exists() else base_dir
+
+
+def check_tokenizer(folder: Path) -> None:
+    """The tokenizer files the merged model gets from `folder` must load: the converter reads them only after
+    the whole merge, and a broken one would end it in a traceback."""
+    model = Path(folder) / "tokenizer.model"
+    if model.exists():
+        import sentencepiece
+        try:
+            sentencepiece.SentencePieceProcessor(model_file=str(model))
+        except (RuntimeError, OSError) as e:
+            raise UserError(f"{model} is not a valid SentencePiece model ({str(e).strip()}): replace it with the "
+                            f"model's own, or remove it if tokenizer.json is there") from None
+    fast = Path(folder) / "tokenizer.json"
+    if fast.exists():
+        from tokenizers import Tokenizer
+        try:
+            Tokenizer.from_file(str(fast))
+        except Exception as e:  # the tokenizers library raises plain Exceptions for bad JSON and bad models
+            raise UserError(f"{fast} cannot be read by the tokenizers library ({str(e).strip()})") from None
+
+
+def recorded_base_differs(cfg: dict, base_dir: Path) -> str | None:
+    """A warning when adapter_config.json names another base than the one given (names compared loosely;
+    a shape mismatch is an error elsewhere, this catches bases whose shapes happen to fit)."""
+    recorded = str(cfg.get("base_model_name_or_path") or "").rstrip("/")
+    if not recorded:
+        return None
+    base_dir = Path(base_dir).resolve()
+    names = {squashed(base_dir.name)}
+    try:
+        names.add(squashed(Path(str(json.loads((base_dir / "config.json").read_text()).get("_name_or_path", ""))).name))
+    except (OSError, ValueError):
+        pass
+    if squashed(recorded) in names or squashed(Path(recorded).name) in names:
+        return None
+    return (f"warning: the adapter was trained on {recorded}, but the base is {base_dir}; if that is not the same "
+            f"model, set BASE_MODEL={recorded}")
+
+
 def copy_side_files(base_dir: Path, ckpt: Path, dest: Path) -> None:
-    """generation_config from the base; the tokenizer (with its chat template) from the checkpoint when it
-    carries one, since that is the template it was trained with, else from the base."""
+    """generation_config from the base; the tokenizer from tokenizer_source()."""
     if (base_dir / "generation_config.json").exists():
         shutil.copy2(base_dir / "generation_config.json", dest)
-    tok_src = ckpt if (ckpt / "tokenizer_config.json").exists() else base_dir
+    tok_src = tokenizer_source(base_dir, ckpt)
     for name in TOKENIZER_FILES:
         if (tok_src / name).exists():
             shutil.copy2(tok_src / name, dest / name)
@@ -265,7 +318,6 @@ def gguf_model_name(base_dir: Path, ckpt: Path, base_cfg: dict) -> str:
     whitespace after its special tokens stripped, as Phi-3's own tokenizer does), so it must name the family."""
     name = f"{Path(base_dir).resolve().name}-{Path(ckpt).name}"
     model_type = str(base_cfg.get("model_type", ""))
-    squashed = lambda text: "".join(c for c in text.lower() if c.isalnum())  # noqa: E731
     return name if squashed(model_type) in squashed(name) else f"{model_type}-{name}"
 
 

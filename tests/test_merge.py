@@ -275,3 +275,67 @@ def test_missing_base_model_path(tmp_path):
     proc = run_script("prepare_base.py", "--base-model", str(tmp_path / "no-such-model"), "--out", tmp_path / "o",
                       check=False)
     expect_error(proc, "BASE_MODEL path", "does not exist")
+
+
+# ---- checked before any long step (check_inputs.py, `make check`) ----
+
+def check(base, ckpts, *extra, base_model=None, quant="q8_0"):
+    return run_script("check_inputs.py", "--quant", quant, "--base-model", base_model or base, "--base", base,
+                      "--checkpoints-dir", ckpts, *extra, check=False)
+
+
+def test_check_passes_a_fitting_adapter_and_refuses_what_the_merge_would(tiny_spm, tmp_path):
+    base_dir, base_model, _ = tiny_spm
+    make_adapter(base_model, tmp_path / "ckpts" / "a")
+    ok = check(base_dir, tmp_path / "ckpts")
+    assert ok.returncode == 0 and "inputs ok: QUANT=q8_0" in ok.stdout and "fits" in ok.stdout, ok.stderr
+    expect_error(check(base_dir, tmp_path / "ckpts", quant="q9_9"), "unknown QUANT=q9_9")
+    expect_error(check(base_dir, tmp_path / "ckpts", base_model=str(tmp_path / "nope")), "BASE_MODEL path")
+    expect_error(check(base_dir, tmp_path / "ckpts", "--checkpoint", "missing"), "CHECKPOINT=missing")
+    other, _ = make_tiny_llama(tmp_path / "other", "spm", hidden=32)
+    make_adapter(other, tmp_path / "wrong" / "a")
+    expect_error(check(base_dir, tmp_path / "wrong"), "does not fit base")
+    cfg_path = tmp_path / "ckpts" / "a" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "bias": "all"}))
+    expect_error(check(base_dir, tmp_path / "ckpts"), "trains biases")
+
+
+def test_check_names_the_demo_adapter_when_none_is_given(tiny_spm, tmp_path):
+    (tmp_path / "ckpts").mkdir()
+    proc = check(tmp_path / "not-yet", tmp_path / "ckpts", "--fallback", tmp_path / "demo", base_model="smollm2")
+    assert proc.returncode == 0 and "the demo adapter, trained later" in proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "base"])
+def test_broken_tokenizer_model_is_one_line_naming_the_file(tiny_spm, tmp_path, where):
+    """A tokenizer.model that is no SentencePiece model: the check and the merge each stop with one line."""
+    base_dir, base_model, tok = tiny_spm
+    if where == "base":
+        shutil.copytree(base_dir, tmp_path / "base")
+        base_dir = tmp_path / "base"
+        (base_dir / "tokenizer.model").write_bytes(b"this is not a sentencepiece model")
+    make_adapter(base_model, tmp_path / "ckpts" / "a")
+    if where == "checkpoint":
+        tok.save_pretrained(tmp_path / "ckpts" / "a")
+        (tmp_path / "ckpts" / "a" / "tokenizer.model").write_bytes(b"\x0a\x05junk")
+    bad = (tmp_path / "ckpts" / "a" if where == "checkpoint" else base_dir) / "tokenizer.model"
+    expect_error(check(base_dir, tmp_path / "ckpts"), str(bad), "not a valid SentencePiece model")
+    out = tmp_path / "merged"
+    expect_error(merge(base_dir, tmp_path / "ckpts", out, check=False), str(bad), "not a valid SentencePiece", out=out)
+
+
+def test_adapter_recorded_for_another_base_warns(tiny_spm, tmp_path):
+    """Shapes that fit but a recorded base of another name: merged, with one warning line; the same name in
+    another spelling (a hub id against its download folder) is no warning."""
+    base_dir, base_model, _ = tiny_spm
+    make_adapter(base_model, tmp_path / "ckpts" / "a")
+    cfg_path = tmp_path / "ckpts" / "a" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "base_model_name_or_path": "mistralai/Mistral-7B-v0.1"}))
+    proc = merge(base_dir, tmp_path / "ckpts", tmp_path / "merged")
+    assert "warning: the adapter was trained on mistralai/Mistral-7B-v0.1" in proc.stderr
+    assert "warning" in check(base_dir, tmp_path / "ckpts").stderr
+    same = tmp_path / "mistralai--Mistral-7B-v0.1"
+    shutil.copytree(base_dir, same)
+    assert "warning" not in merge(same, tmp_path / "ckpts", tmp_path / "merged2").stderr

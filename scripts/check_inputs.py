@@ -1,0 +1,75 @@
+#!/usr/bin/env python3
+"""Check what `make` was given before any long step (building llama.cpp, downloading a base, training the demo
+adapter, merging): QUANT, BASE_MODEL, the checkpoint that CHECKPOINTS_DIR / CHECKPOINT select and its
+adapter_config.json, the adapter's fit to the base (once the base is a folder on disk: the shapes are read from
+the files' headers, no weights), the tokenizer files the merged model will take, and the base the adapter
+records (a warning when it names another model). The first problem ends it with one line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import types
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_checkpoint_args, log, run_main  # noqa: E402
+
+
+def adapter_shapes(ckpt: Path) -> dict:
+    """name -> object with .shape, from the safetensors header (a .bin adapter is small: it is loaded)."""
+    from checkpoints import read_adapter_weights
+    from tensor_io import read_header
+
+    st = ckpt / "adapter_model.safetensors"
+    if not st.exists():
+        return read_adapter_weights(ckpt)
+    return {k: types.SimpleNamespace(shape=tuple(v["shape"])) for k, v in read_header(st).items()
+            if k != "__metadata__"}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quant", required=True, help="QUANT")
+    p.add_argument("--base-model", required=True, help="BASE_MODEL: smollm2, a folder or a hub id")
+    p.add_argument("--base", required=True, type=Path, help="the base model folder make uses (may not exist yet)")
+    add_checkpoint_args(p, Path("quantization/checkpoints"))
+    args = p.parse_args()
+
+    from checkpoints import candidates, read_adapter_config, select_checkpoint
+    from convert_gguf import quant_key
+    from merge_lora import (check_adapter_config, check_tokenizer, parse_adapter, plan_merge, recorded_base_differs,
+                            tokenizer_source)
+    from prepare_base import check_base_model
+    from tensor_io import CheckpointReader
+
+    quant = quant_key(args.quant)
+    check_base_model(args.base_model)
+    demo_pending = (args.fallback is not None and not args.checkpoint and not (args.fallback / "adapter_config.json").exists()
+                    and (not args.checkpoints_dir.is_dir() or not candidates(args.checkpoints_dir)))
+    ckpt = None if demo_pending else select_checkpoint(args.checkpoints_dir, args.checkpoint, args.fallback)
+    base = args.base if (args.base / "config.json").exists() else None
+    if ckpt is not None:
+        cfg = read_adapter_config(ckpt)
+        check_adapter_config(cfg)
+        if base is not None:
+            pairs, replace = parse_adapter(adapter_shapes(ckpt), cfg)
+            base_cfg = json.loads((base / "config.json").read_text())
+            plan_merge(CheckpointReader(base), pairs, replace, cfg, base_cfg, None)
+            if warning := recorded_base_differs(cfg, base):
+                print(warning, file=sys.stderr)
+    if base is not None:
+        check_tokenizer(tokenizer_source(base, ckpt) if ckpt is not None else base)
+    elif ckpt is not None and (ckpt / "tokenizer_config.json").exists():
+        check_tokenizer(ckpt)
+    if ckpt is None:
+        note = "the demo adapter, trained later"
+    elif base is None:
+        note = f"{ckpt} (its fit is checked once the base is on disk)"
+    else:
+        note = f"{ckpt}, fits {base}"
+    log(f"inputs ok: QUANT={quant}, BASE_MODEL={args.base_model}, checkpoint {note}")
+
+if __name__ == "__main__":
+    run_main(main)
