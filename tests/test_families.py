@@ -169,3 +169,27 @@ def test_slow_tokenizer_only_base(tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json"):  # the merge takes the base's slow-only tokenizer
         (tmp_path / "ckpts" / "run" / name).unlink()
     merge_gguf(tmp_path / "base", tmp_path / "ckpts", tmp_path / "m.q8_0.gguf", "q8_0")
+
+
+def test_compare_and_eval_run_on_the_family(family):
+    """`make compare` (HF 16-bit, nf4 and the GGUF through llama-cpp-python) and `make eval` (every form) on
+    each family. The unmerged adapter and the merged model agree (the merge is right); the base does not."""
+    fam, tmp, base, tok, merged, ckpts = family
+    if not (tmp / "merged").exists():
+        run_script("merge_lora.py", "--base", base, "--checkpoints-dir", ckpts, "--out", tmp / "merged")
+    q8 = tmp / "direct.q8_0.gguf"
+    if not q8.exists():
+        merge_gguf(base, ckpts, q8, "q8_0")
+    proc = run_script("compare.py", tmp / "merged", f"{tmp / 'merged'}:nf4", q8, "--prompt", "Once upon a time",
+                      "--", "--greedy", "--max-new-tokens", "4")
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(f"| {tmp}")]
+    assert len(rows) == 3 and not any("failed" in row for row in rows), proc.stdout[-2000:]
+    from helpers import ROOT
+    run_script("eval_quality.py", "--base", base, "--checkpoints-dir", ckpts, "--dataset",
+               ROOT / "data" / "grimm_stories.jsonl", "--out", tmp / "eval", "--ctx", "64", "--max-tokens", "512")
+    report = json.loads((tmp / "eval" / "quality.json").read_text())
+    assert len(report) == 8 and all(r["ppl"] > 1 for r in report.values())
+    assert all(r["tokens"] >= 200 for r in report.values() if r["engine"] == "transformers")
+    unmerged, base_row = report["HF base + adapter (unmerged)"], report["HF base"]
+    assert unmerged["kl"] < 1e-3 and base_row["kl"] > 100 * unmerged["kl"], (unmerged, base_row)
+    assert report["GGUF q8_0"]["kl"] < report["GGUF Q4_K_M"]["kl"]
