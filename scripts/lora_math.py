@@ -62,3 +62,13 @@ def dora_merge(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tenso
     norm = torch.linalg.norm(rows, dim=1)
     rows = rows * (magnitude.float() / norm).view(-1, 1)
     return rows.T if fan_in_fan_out else rows
+
+
+def replace_rows(rows: torch.Tensor, token_ids: list[int], values: torch.Tensor, start: int) -> torch.Tensor:
+    """PEFT's trainable tokens (index_copy on merge): the rows of `token_ids` take the trained values. `rows` are
+    rows start:start+len(rows) of the embedding; ids outside them are left to the other row ranges."""
+    ids = torch.as_tensor(token_ids, dtype=torch.long)
+    inside = (ids >= start) & (ids < start + rows.shape[0])
+    rows = rows.clone()
+    rows[ids[inside] - start] = values[inside].to(rows.dtype)
+    return rows

@@ -3,17 +3,20 @@
 
 The default method streams: it reads one base tensor at a time, adds the adapter's delta in float32
 (PEFT's formula: scaling · B @ A, rsLoRA, DoRA, rank/alpha patterns, fan_in_fan_out, embeddings,
-modules_to_save and resized vocabularies) and writes it straight out, so memory stays near the size of
-the largest tensor. `--method peft` runs PEFT's own `merge_and_unload` instead (the reference).
+modules_to_save and resized vocabularies in each layout PEFT saves, trainable tokens) and writes it straight
+out, so memory stays near the size of the largest tensor. `--method peft` runs PEFT's own `merge_and_unload`
+instead (the reference).
 
-Checkpoint selection: the one folder in --checkpoints-dir, or --checkpoint NAME; a Trainer folder
-(checkpoint-500/ with optimizer state beside the adapter) is fine.
+Checkpoint selection: the one folder in --checkpoints-dir, or --checkpoint NAME; a Trainer checkpoint
+(checkpoint-500/ with optimizer state beside the adapter) is fine, and a Trainer output folder holding
+checkpoint-N/ folders gives its latest one.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
+import re
 import shutil
 import sys
 import time
@@ -26,10 +29,12 @@ from common import (  # noqa: E402
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "chat_template.json", "added_tokens.json", "vocab.json", "merges.txt")
 PREFIX = "base_model.model."
+# how quantized uploads of a base are named (Unsloth's -bnb-4bit, GPTQ, AWQ): the same model for the merge
+QUANTIZED_SUFFIX = r"(-unsloth)?(-bnb)?-[48]bit$|-(gptq|awq)(-int[48])?$"
 # adapter_config.json switches this merge does not implement: refuse rather than merge wrong
 UNSUPPORTED = {"lora_bias": "LoRA bias terms", "layer_replication": "layer replication",
-               "trainable_token_indices": "trainable token indices", "target_parameters": "target_parameters",
-               "use_qalora": "QALoRA", "use_bdlora": "BD-LoRA"}
+               "target_parameters": "target_parameters", "use_qalora": "QALoRA", "use_bdlora": "BD-LoRA"}
+TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"  # PEFT's trainable tokens: new values of some rows
 
 
 def check_adapter_config(cfg: dict) -> None:
@@ -62,16 +67,37 @@ def parse_adapter(weights: dict, cfg: dict) -> tuple[dict, dict]:
                 pairs.setdefault(name[: -len(suffix)], {})[role] = tensor
                 break
         else:
+            if name.endswith(TOKENS_SUFFIX):
+                module = name[: -len(TOKENS_SUFFIX)]
+                pairs.setdefault(module, {}).update(tokens=tensor, token_ids=trained_token_ids(module, cfg))
+                continue
             if name.endswith(".base_layer.weight"):  # saved with embedding layers: replaces the base tensor
                 name = name[: -len(".base_layer.weight")] + ".weight"
             replace[name] = tensor
     for module, parts in pairs.items():
+        if "tokens" in parts:
+            if len(parts) > 2:
+                raise UserError(f"adapter module {module} has trainable tokens and LoRA matrices at once, which the "
+                                f"merge does not support")
+            continue
         linear, emb = {"A", "B"} <= parts.keys(), {"emb_A", "emb_B"} <= parts.keys()
         if not (linear or emb):
             raise UserError(f"adapter module {module} has {sorted(parts)} but not both LoRA matrices A and B")
         if emb and "magnitude" in parts:
             raise UserError(f"DoRA on the embedding layer {module} is not supported")
     return pairs, replace
+
+
+def trained_token_ids(module: str, cfg: dict) -> list[int]:
+    """The rows PEFT's trainable tokens replace in `module`: trainable_token_indices is a list (for the input
+    embedding) or {layer name: list}."""
+    spec = cfg.get("trainable_token_indices")
+    if isinstance(spec, dict):
+        spec = next((ids for layer, ids in spec.items() if module == layer or module.endswith("." + layer)), None)
+    if not isinstance(spec, list) or not all(isinstance(i, int) for i in spec):
+        raise UserError(f"the adapter trains tokens of {module}, but adapter_config.json's trainable_token_indices "
+                        f"does not list them ({cfg.get('trainable_token_indices')!r})")
+    return spec
 
 
 def plan_merge(base, pairs: dict, replace: dict, cfg: dict, base_cfg: dict, out_dtype):
@@ -83,6 +109,13 @@ def plan_merge(base, pairs: dict, replace: dict, cfg: dict, base_cfg: dict, out_
             raise UserError(f"adapter (trained on {trained_on}) targets {module}, which the base model "
                             f"{base.folder} does not have")
         shape = list(replace[key].shape) if key in replace else base.shape(key)
+        if "tokens" in parts:
+            ids, values = parts["token_ids"], list(parts["tokens"].shape)
+            if values != [len(ids), shape[1]] or max(ids, default=0) >= shape[0] or min(ids, default=0) < 0:
+                raise UserError(f"adapter (trained on {trained_on}) does not fit base {base.folder}: its trainable "
+                                f"tokens of {module} are {values} for token ids up to {max(ids, default=0)}, the "
+                                f"base's {key} is {shape}")
+            continue
         if "A" in parts:
             out_f, in_f = parts["B"].shape[0], parts["A"].shape[1]
             want = [in_f, out_f] if cfg.get("fan_in_fan_out") else [out_f, in_f]
@@ -171,13 +204,15 @@ class MergedSource:
         return self.rows(key, 0, self.shapes[key][0]) if self.can_split_rows(key) else self._whole(key)
 
     def rows(self, key: str, start: int, stop: int):
-        from lora_math import embedding_delta, linear_delta
+        from lora_math import embedding_delta, linear_delta, replace_rows
 
         if not self.can_split_rows(key):
             return self._whole(key)[start:stop]
         tensor = self.replace[key][start:stop] if key in self.replace else self.base.get_rows(key, start, stop)
         module, parts = self._lora(key)
-        if parts is not None:
+        if parts is not None and "tokens" in parts:
+            tensor = replace_rows(tensor, parts["token_ids"], parts["tokens"], start)
+        elif parts is not None:
             scaling = self.lora.scaling(module)
             if "A" in parts:  # ΔW rows a:b = scaling · B[a:b] @ A
                 tensor = tensor.float() + linear_delta(parts["A"], parts["B"][start:stop], scaling, False)
@@ -285,19 +320,23 @@ def check_tokenizer(folder: Path) -> None:
 
 
 def recorded_base_differs(cfg: dict, base_dir: Path) -> str | None:
-    """A warning when adapter_config.json names another base than the one given (names compared loosely;
-    a shape mismatch is an error elsewhere, this catches bases whose shapes happen to fit)."""
+    """A warning when adapter_config.json names another base than the one given. Names are compared loosely
+    (letters and digits; a hub id matches its download folder; one name inside the other, so Unsloth's
+    "unsloth/llama-3-8b-bnb-4bit" matches "Meta-Llama-3-8B"). A shape mismatch is an error elsewhere: this
+    catches bases whose shapes happen to fit."""
     recorded = str(cfg.get("base_model_name_or_path") or "").rstrip("/")
     if not recorded:
         return None
     base_dir = Path(base_dir).resolve()
-    names = {squashed(base_dir.name)}
+    names = [base_dir.name]
     try:
-        names.add(squashed(Path(str(json.loads((base_dir / "config.json").read_text()).get("_name_or_path", ""))).name))
+        names.append(Path(str(json.loads((base_dir / "config.json").read_text()).get("_name_or_path", ""))).name)
     except (OSError, ValueError):
         pass
-    if squashed(recorded) in names or squashed(Path(recorded).name) in names:
-        return None
+    wanted = squashed(re.sub(QUANTIZED_SUFFIX, "", Path(recorded).name, flags=re.IGNORECASE))
+    for name in filter(None, map(squashed, names)):
+        if squashed(recorded) == name or wanted in name or name in wanted:
+            return None
     return (f"warning: the adapter was trained on {recorded}, but the base is {base_dir}; if that is not the same "
             f"model, set BASE_MODEL={recorded}")
 

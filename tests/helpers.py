@@ -124,6 +124,8 @@ def make_adapter(base_model, folder: Path, seed: int = 1, save_kwargs: dict | No
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.normal_(0, 0.2)
+            elif "trainable_tokens_delta" in name:  # starts as a copy of the rows it replaces
+                p.add_(torch.randn_like(p) * 0.5)
             elif "modules_to_save" in name:
                 p.add_(torch.randn_like(p) * 0.05)
     model.save_pretrained(folder, **(save_kwargs or {}))

@@ -107,6 +107,21 @@ def test_resized_vocabulary_as_peft_saves_embedding_layers(tiny_spm, tmp_path, l
     assert_same_logits(tmp_path / "merged", merged_by_peft(peft_model), atol=1e-4)
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_trainable_tokens(tmp_path, tie):
+    """PEFT's trainable tokens (new special tokens trained without the whole embedding): those rows replaced,
+    the output layer too where it is tied to the embedding."""
+    base_dir = tmp_path / "base"
+    base_model, tok = make_tiny_llama(base_dir, "spm", tie=tie)
+    ids = [3, 17, len(tok) - 1]
+    peft_model = make_adapter(base_model, tmp_path / "ckpts" / "a", trainable_token_indices=ids)
+    merge(base_dir, tmp_path / "ckpts", tmp_path / "merged")
+    assert_same_logits(tmp_path / "merged", merged_by_peft(peft_model), atol=1e-4)
+    merged = load_file(tmp_path / "merged" / "model.safetensors")["model.embed_tokens.weight"]
+    changed = (merged != base_model.model.embed_tokens.weight.detach()).any(dim=1).nonzero().flatten().tolist()
+    assert changed == ids
+
+
 @pytest.mark.parametrize("layout", ["adapter_bin", "regex_targets", "layers_to_transform", "bin_base"])
 def test_other_file_layouts(tiny_spm, tmp_path, layout):
     """adapter_model.bin (PyTorch pickle, read with weights_only), target_modules as a regex string,
@@ -339,3 +354,5 @@ def test_adapter_recorded_for_another_base_warns(tiny_spm, tmp_path):
     same = tmp_path / "mistralai--Mistral-7B-v0.1"
     shutil.copytree(base_dir, same)
     assert "warning" not in merge(same, tmp_path / "ckpts", tmp_path / "merged2").stderr
+    cfg_path.write_text(json.dumps({**cfg, "base_model_name_or_path": "unsloth/mistral-7b-v0.1-bnb-4bit"}))
+    assert "warning" not in check(same, tmp_path / "ckpts").stderr  # Unsloth's 4-bit upload of the same model

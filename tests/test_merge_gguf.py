@@ -58,13 +58,14 @@ def test_q8_0_is_byte_identical_to_gguf_py():
     assert np.array_equal(ours, quantize(x, GGMLQuantizationType.Q8_0))
 
 
-@pytest.mark.parametrize("variant", ["plain", "dora", "resized_vocab", "embedding"])
+@pytest.mark.parametrize("variant", ["plain", "dora", "resized_vocab", "embedding", "trainable_tokens"])
 def test_direct_equals_two_step_spm(tiny_spm, tmp_path, variant):
     base_dir, base_model, tok = tiny_spm
     kwargs = {"plain": {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"]},
               "dora": {"use_dora": True, "target_modules": ["q_proj", "v_proj", "down_proj"]},
               "resized_vocab": {"modules_to_save": ["embed_tokens", "lm_head"]},
-              "embedding": {"target_modules": ["embed_tokens", "q_proj"]}}[variant]
+              "embedding": {"target_modules": ["embed_tokens", "q_proj"]},
+              "trainable_tokens": {"trainable_token_indices": [2, 7000, 31000, 31999]}}[variant]
     if variant == "resized_vocab":  # a fine-tune that added 3 tokens: embed_tokens and lm_head grow
         base_model = copy.deepcopy(base_model)
         base_model.resize_token_embeddings(base_model.config.vocab_size + 3)
