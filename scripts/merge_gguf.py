@@ -190,14 +190,14 @@ def use_fast_q8_0(gguf) -> None:
 
 
 class RowChunks:
-    """Stands in for a big 2-D tensor that the converter only renames: it hands the writer row chunks
-    (gguf-py's LazyChunkedTensor), so a 2 GB embedding never sits in memory whole."""
+    """Stands in for a big 2-D tensor that the converter only renames (or cuts to the vocabulary's rows, as
+    Gemma 3's does): it hands the writer row chunks (gguf-py's LazyChunkedTensor), so a 2 GB embedding never
+    sits in memory whole. `chunks` are (first row, end row, loader of those rows)."""
 
-    def __init__(self, shape: list[int], chunk_ids: list, load, gguf):
+    def __init__(self, shape: list[int], chunks: list, gguf):
         import torch
 
-        self.shape, self.dtype, self._gguf = torch.Size(shape), torch.float32, gguf
-        self._chunks = [lambda c=c: load(c) for c in chunk_ids]
+        self.shape, self.dtype, self._gguf, self._chunks = torch.Size(shape), torch.float32, gguf, chunks
 
     @staticmethod
     def ranges(shape: list[int]) -> list[tuple[int, int]]:
@@ -207,9 +207,19 @@ class RowChunks:
     def dim(self) -> int:
         return 2
 
+    def __getitem__(self, index):
+        """The first rows (x[:n]) stay lazy; any other indexing is not something the converter does here."""
+        if not (isinstance(index, slice) and index.start in (None, 0) and index.step in (None, 1)
+                and index.stop is not None and index.stop >= 0):
+            raise NotImplementedError(f"row chunks of a streamed tensor cannot be indexed with {index!r}")
+        stop = min(index.stop, self.shape[0])
+        kept = [(a, min(b, stop), load if b <= stop else lambda load=load, n=stop - a: load()[:n])
+                for a, b, load in self._chunks if a < stop]
+        return RowChunks([stop, self.shape[1]], kept, self._gguf)
+
     def numpy(self):
         import numpy as np
-        return self._gguf.LazyChunkedTensor(self._chunks, tuple(self.shape), np.float32)
+        return self._gguf.LazyChunkedTensor([load for _, _, load in self._chunks], tuple(self.shape), np.float32)
 
 
 class Prefetcher:
@@ -249,8 +259,8 @@ def merged_tensor_index(source, conversion, gguf):
         tensors = {}
         for key, dtype, shape in source.plan:
             if key in streamed:
-                chunk_ids = [(key, a, b) for a, b in RowChunks.ranges(shape)]
-                gen = lambda shape=shape, ids=chunk_ids: RowChunks(shape, ids, load, gguf)  # noqa: E731
+                chunks = [(a, b, lambda c=(key, a, b): load(c)) for a, b in RowChunks.ranges(shape)]
+                gen = lambda shape=shape, chunks=chunks: RowChunks(shape, chunks, gguf)  # noqa: E731
             else:
                 meta = conversion.LazyTorchTensor.meta_with_dtype_and_shape(dtype, tuple(shape))
                 gen = lambda key=key, meta=meta: conversion.LazyTorchTensor(  # noqa: E731

@@ -1,7 +1,8 @@
 """Tiny random-weight models of each family `make` supports, saved as their Hugging Face repos lay them out.
 
 Each has its family's real architecture class and config quirks (Qwen2's q/k/v biases and tied embeddings,
-Gemma 2's soft-capping and 1 + weight norms, Phi-3's fused qkv_proj and gate_up_proj), every weight random and
+Gemma 2's soft-capping and 1 + weight norms, Gemma 3's embedding with more rows than the tokenizer has tokens,
+which the converter cuts, Phi-3's fused qkv_proj and gate_up_proj), every weight random and
 large enough (norms and biases included) that a mistake in any of them changes the logits, and a real
 tokenizer: Llama 2's SentencePiece (as tokenizer.model and tokenizer.json, the way Mistral and Phi-3 ship it)
 or Qwen2's byte-level BPE, rebuilt from llama.cpp's vocab GGUFs. No Gemma vocabulary ships offline: the Gemma
@@ -44,6 +45,10 @@ FAMILIES = {
         "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 4096, "final_logit_softcapping": 3.0,
         "attn_logit_softcapping": 5.0, "tie_word_embeddings": True, "hidden_activation": "gelu_pytorch_tanh"},
         special_tokens=("<start_of_turn>", "<end_of_turn>")),
+    "gemma3": Family("gemma3", "Gemma3TextConfig", "spm", None, {
+        "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 4096, "final_logit_softcapping": None,
+        "attn_logit_softcapping": None, "tie_word_embeddings": True, "hidden_activation": "gelu_pytorch_tanh"},
+        special_tokens=("<start_of_turn>", "<end_of_turn>"), padded_vocab=32064),  # as Gemma 3: 262208 rows
     "phi3": Family("phi3", "Phi3Config", "spm", "phi-3", {"pad_token_id": 32000},
                    special_tokens=("<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>",
                                    "<|placeholder3|>", "<|placeholder4|>", "<|system|>", "<|end|>",
@@ -90,13 +95,13 @@ def family_tokenizer(family: Family, folder: Path):
             for t in family.special_tokens]})
     if family.name == "phi3":
         tok.eos_token, tok.pad_token = "<|endoftext|>", "<|endoftext|>"
-    if family.name in ("mistral", "gemma2"):
+    if family.name == "mistral" or family.name.startswith("gemma"):
         tok.chat_template = MISTRAL_TEMPLATE if family.name == "mistral" else GEMMA_TEMPLATE
     elif family.name == "phi3":
         tok.chat_template = gguf_chat_template("phi-3")
     save_tokenizer(tok, folder)
     if family.tokenizer == "spm":
-        sentencepiece_model(folder / "tokenizer.model", family.special_tokens if family.name == "gemma2" else ())
+        sentencepiece_model(folder / "tokenizer.model", family.special_tokens if family.name.startswith("gemma") else ())
     return tok
 
 

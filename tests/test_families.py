@@ -1,4 +1,4 @@
-"""Every family through every stage: a tiny random Mistral, Qwen2, Qwen3, Gemma 2 and Phi-3 with a LoRA on all
+"""Every family through every stage: a tiny random Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 and Phi-3 with a LoRA on all
 its linear layers, merged both ways into GGUF, against PEFT's own merge of the same adapter.
 
 - f32 GGUF logits (llama.cpp through llama-cpp-python, f32 KV cache) against PEFT's merged fp32 model on the
@@ -42,8 +42,9 @@ def family(request, tmp_path_factory):
 
 
 def merge_gguf(base, ckpts, out, quant):
+    """merge_gguf.py with the embedding streamed in chunks of 400 rows (the default is 128 MiB of them)."""
     run_script("merge_gguf.py", "--base", base, "--checkpoints-dir", ckpts, "--out", out, "--quant", quant,
-               "--log", out.with_suffix(".log"))
+               "--log", out.with_suffix(".log"), env={"LORA_SHIP_ROW_CHUNK_BYTES": str(400 * 64 * 4)})
     return out
 
 
