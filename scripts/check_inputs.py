@@ -46,8 +46,11 @@ def main() -> None:
 
     quant = quant_key(args.quant)
     check_base_model(args.base_model)
-    demo_pending = (args.fallback is not None and not args.checkpoint and not (args.fallback / "adapter_config.json").exists()
-                    and (not args.checkpoints_dir.is_dir() or not candidates(args.checkpoints_dir)))
+    # with no checkpoint given and no demo adapter yet, `make` trains the demo adapter later: nothing to check
+    no_user_checkpoint = not args.checkpoint and (not args.checkpoints_dir.is_dir()
+                                                  or not candidates(args.checkpoints_dir))
+    demo_pending = (no_user_checkpoint and args.fallback is not None
+                    and not (args.fallback / "adapter_config.json").exists())
     ckpt = None if demo_pending else select_checkpoint(args.checkpoints_dir, args.checkpoint, args.fallback)
     base = args.base if (args.base / "config.json").exists() else None
     if ckpt is not None:
@@ -70,6 +73,7 @@ def main() -> None:
     else:
         note = f"{ckpt}, fits {base}"
     log(f"inputs ok: QUANT={quant}, BASE_MODEL={args.base_model}, checkpoint {note}")
+
 
 if __name__ == "__main__":
     run_main(main)

@@ -51,7 +51,8 @@ def validate(ckpt: Path) -> Path:
     """ckpt itself when it holds an adapter; for a Trainer output folder (checkpoint-N/ folders inside, no
     adapter of its own) the one checkpoint there, or the latest step of several (said on stderr)."""
     if not (ckpt / "adapter_config.json").exists():
-        nested = sorted((p.parent for p in ckpt.glob("*/adapter_config.json")), key=lambda p: (training_step(p), p.name))
+        nested = sorted((p.parent for p in ckpt.glob("*/adapter_config.json")),
+                        key=lambda p: (training_step(p), p.name))
         if len(nested) == 1:
             return validate(nested[0])
         if nested:

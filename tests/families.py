@@ -71,14 +71,11 @@ def sentencepiece_model(path: Path, extra_pieces: tuple = ()) -> None:
         proto.pieces.add(piece=text, score=score, type=kind)  # GGUF's token types are SentencePiece's
     for text in extra_pieces:
         proto.pieces.add(piece=text, score=0.0, type=pb.ModelProto.SentencePiece.USER_DEFINED)
-    proto.trainer_spec.model_type = pb.TrainerSpec.BPE
-    proto.trainer_spec.vocab_size = len(proto.pieces)
-    proto.trainer_spec.byte_fallback = True
-    proto.trainer_spec.unk_id, proto.trainer_spec.bos_id, proto.trainer_spec.eos_id, proto.trainer_spec.pad_id = 0, 1, 2, -1
-    proto.normalizer_spec.name = "identity"
-    proto.normalizer_spec.add_dummy_prefix = True
-    proto.normalizer_spec.remove_extra_whitespaces = False
-    proto.normalizer_spec.escape_whitespaces = True
+    trainer, normalizer = proto.trainer_spec, proto.normalizer_spec
+    trainer.model_type, trainer.vocab_size, trainer.byte_fallback = pb.TrainerSpec.BPE, len(proto.pieces), True
+    trainer.unk_id, trainer.bos_id, trainer.eos_id, trainer.pad_id = 0, 1, 2, -1
+    normalizer.name, normalizer.add_dummy_prefix = "identity", True
+    normalizer.remove_extra_whitespaces, normalizer.escape_whitespaces = False, True
     path.write_bytes(proto.SerializeToString())
 
 
@@ -101,7 +98,8 @@ def family_tokenizer(family: Family, folder: Path):
         tok.chat_template = gguf_chat_template("phi-3")
     save_tokenizer(tok, folder)
     if family.tokenizer == "spm":
-        sentencepiece_model(folder / "tokenizer.model", family.special_tokens if family.name.startswith("gemma") else ())
+        gemma = family.name.startswith("gemma")  # Gemma's turn tokens are pieces of its SentencePiece model
+        sentencepiece_model(folder / "tokenizer.model", family.special_tokens if gemma else ())
     return tok
 
 

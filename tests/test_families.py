@@ -122,10 +122,15 @@ def test_served_template_and_tokenizer(family, tmp_path):
         assert served["tokens"] == tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True)
         cases = vocab_test_cases(fam.vocab_test)
         assert len(cases) > 30
+        spm = None
+        if (base / "tokenizer.model").exists():  # the SentencePiece file the converter reads, where it ships
+            from sentencepiece import SentencePieceProcessor
+            spm = SentencePieceProcessor(model_file=str(base / "tokenizer.model"))
         for text, want in cases:
             hf = tok.encode(text, add_special_tokens=False)
             _, served = http_json(url + "/tokenize", {"content": text})
             assert hf == want, (fam.vocab_test, text)  # the rebuilt tokenizer is the real one
+            assert spm is None or spm.encode(text) == want, (fam.vocab_test, text)
             assert served["tokens"] == hf, (fam.vocab_test, text)
 
 
