@@ -124,17 +124,25 @@ def build_smollm2(out: Path, cache: Path) -> None:
     log(f"base model ready in {out}")
 
 
+def hub_patterns(files: list[str]) -> list[str]:
+    """What to download of a hub repo: config, tokenizer and chat template files, and the weights as
+    safetensors, or as pytorch_model*.bin shards where the repo has no safetensors (older Llama 2 and Mistral
+    fine-tunes); never both, which would download the weights twice."""
+    weights = "*.safetensors" if any(f.endswith(".safetensors") for f in files) else "pytorch_model*.bin"
+    return ["*.json", "tokenizer.model", "*.jinja", "*.txt", weights]
+
+
 def download_hub(repo_id: str, out: Path) -> None:
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import HfApi, snapshot_download
         from huggingface_hub.utils import HfHubHTTPError
     except ImportError as e:
         raise UserError(f"huggingface_hub is missing ({e}); run 'make install'") from None
     log(f"downloading {repo_id} from the Hugging Face hub (set HF_TOKEN for gated models) ...")
     with atomic_dir(out) as tmp:
         try:
-            snapshot_download(repo_id, local_dir=tmp, allow_patterns=[
-                "*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"])
+            patterns = hub_patterns(HfApi().list_repo_files(repo_id))
+            snapshot_download(repo_id, local_dir=tmp, allow_patterns=patterns)
         except (HfHubHTTPError, OSError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"BASE_MODEL={repo_id}: not a local folder, and the hub download failed: {first}") from None

@@ -356,3 +356,11 @@ def test_adapter_recorded_for_another_base_warns(tiny_spm, tmp_path):
     assert "warning" not in merge(same, tmp_path / "ckpts", tmp_path / "merged2").stderr
     cfg_path.write_text(json.dumps({**cfg, "base_model_name_or_path": "unsloth/mistral-7b-v0.1-bnb-4bit"}))
     assert "warning" not in check(same, tmp_path / "ckpts").stderr  # Unsloth's 4-bit upload of the same model
+
+
+def test_hub_download_takes_bin_weights_only_where_there_are_no_safetensors():
+    from prepare_base import hub_patterns
+    both = ["config.json", "model-00001-of-00002.safetensors", "pytorch_model-00001-of-00002.bin"]
+    assert "*.safetensors" in hub_patterns(both) and "pytorch_model*.bin" not in hub_patterns(both)
+    older = ["config.json", "pytorch_model-00001-of-00002.bin", "pytorch_model.bin.index.json", "tokenizer.model"]
+    assert "pytorch_model*.bin" in hub_patterns(older) and "*.safetensors" not in hub_patterns(older)
