@@ -48,6 +48,18 @@ def merge_gguf(base, ckpts, out, quant):
     return out
 
 
+def made(family, what: str):
+    """The family's direct f32 or q8_0 GGUF, or its merged HF folder ("merged"), made the first time a test asks."""
+    fam, tmp, base, tok, merged, ckpts = family
+    path = tmp / {"f32": "direct.f32.gguf", "q8_0": "direct.q8_0.gguf", "merged": "merged"}[what]
+    if not path.exists():
+        if what == "merged":
+            run_script("merge_lora.py", "--base", base, "--checkpoints-dir", ckpts, "--out", path)
+        else:
+            merge_gguf(base, ckpts, path, what)
+    return path
+
+
 def llama_cpp_logits(gguf, ids: list[int]) -> np.ndarray:
     """Logits at every position, from llama.cpp's own library with an f32 KV cache (no f16 rounding)."""
     os.environ.setdefault("LLAMA_CPP_LIB_PATH", str(LLAMA_SERVER.parent))
@@ -62,7 +74,7 @@ def llama_cpp_logits(gguf, ids: list[int]) -> np.ndarray:
 
 def test_f32_gguf_logits_equal_peft_merge(family):
     fam, tmp, base, tok, merged, ckpts = family
-    gguf = merge_gguf(base, ckpts, tmp / "direct.f32.gguf", "f32")
+    gguf = made(family, "f32")
     ids = torch.randint(0, len(tok), (96,), generator=torch.Generator().manual_seed(1)).tolist()
     ids = [tok.bos_token_id, *ids] if tok.bos_token_id is not None else ids
     with torch.no_grad():
@@ -84,14 +96,11 @@ def test_f32_gguf_logits_equal_peft_merge(family):
 def test_two_step_and_q8_0(family):
     """merge_lora.py + convert_gguf.py gives the direct merge's GGUF; q8_0 is within one step of f32."""
     fam, tmp, base, tok, merged, ckpts = family
-    f32 = tmp / "direct.f32.gguf"
-    if not f32.exists():
-        merge_gguf(base, ckpts, f32, "f32")
-    run_script("merge_lora.py", "--base", base, "--checkpoints-dir", ckpts, "--out", tmp / "merged")
-    run_script("convert_gguf.py", "--model", tmp / "merged", "--quant", "f32", "--out", tmp / "two-step.f32.gguf",
+    f32 = made(family, "f32")
+    run_script("convert_gguf.py", "--model", made(family, "merged"), "--quant", "f32", "--out", tmp / "two-step.f32.gguf",
                "--log", tmp / "convert.log")
     assert_same_gguf(f32, tmp / "two-step.f32.gguf")
-    q8 = merge_gguf(base, ckpts, tmp / "direct.q8_0.gguf", "q8_0")
+    q8 = made(family, "q8_0")
     from gguf.quants import dequantize
     exact, quantized = tensors(f32), tensors(q8)
     assert sorted(exact) == sorted(quantized)
@@ -106,9 +115,7 @@ def test_two_step_and_q8_0(family):
 
 def test_served_template_and_tokenizer(family, tmp_path):
     fam, tmp, base, tok, merged, ckpts = family
-    q8 = tmp / "direct.q8_0.gguf"
-    if not q8.exists():
-        merge_gguf(base, ckpts, q8, "q8_0")
+    q8 = made(family, "q8_0")
     hf_prompt = tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
     adds_bos = tok.bos_token_id is not None and tok("a")["input_ids"][0] == tok.bos_token_id
     with running_server(q8, tmp_path) as url:
@@ -137,9 +144,7 @@ def test_served_template_and_tokenizer(family, tmp_path):
 def test_merged_config_is_the_base_config(family):
     """The merged HF model keeps the family's class and every config quirk (tied embeddings, soft-capping)."""
     fam, tmp, base, tok, merged, ckpts = family
-    if not (tmp / "merged").exists():
-        run_script("merge_lora.py", "--base", base, "--checkpoints-dir", ckpts, "--out", tmp / "merged")
-    cfg = json.loads((tmp / "merged" / "config.json").read_text())
+    cfg = json.loads((made(family, "merged") / "config.json").read_text())
     assert cfg["architectures"] == [type(merged).__name__]
     assert cfg == json.loads((base / "config.json").read_text())
 
@@ -181,12 +186,8 @@ def test_compare_and_eval_run_on_the_family(family):
     """`make compare` (HF 16-bit, nf4 and the GGUF through llama-cpp-python) and `make eval` (every form) on
     each family. The unmerged adapter and the merged model agree (the merge is right); the base does not."""
     fam, tmp, base, tok, merged, ckpts = family
-    if not (tmp / "merged").exists():
-        run_script("merge_lora.py", "--base", base, "--checkpoints-dir", ckpts, "--out", tmp / "merged")
-    q8 = tmp / "direct.q8_0.gguf"
-    if not q8.exists():
-        merge_gguf(base, ckpts, q8, "q8_0")
-    proc = run_script("compare.py", tmp / "merged", f"{tmp / 'merged'}:nf4", q8, "--prompt", "Once upon a time",
+    merged_dir, q8 = made(family, "merged"), made(family, "q8_0")
+    proc = run_script("compare.py", merged_dir, f"{merged_dir}:nf4", q8, "--prompt", "Once upon a time",
                       "--", "--greedy", "--max-new-tokens", "4")
     rows = [line for line in proc.stdout.splitlines() if line.startswith(f"| {tmp}")]
     assert len(rows) == 3 and not any("failed" in row for row in rows), proc.stdout[-2000:]
