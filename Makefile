@@ -171,7 +171,7 @@ train: $(BASE_DIR)/config.json | $(STAMP) ## fine-tune a LoRA on DATASET into CH
 	  --recipe $(RECIPE) $(if $(TRAIN_STEPS),--steps $(TRAIN_STEPS)) --eval-every $(EVAL_EVERY) --save-every $(SAVE_EVERY) $(TRAIN_ARGS)
 
 bench-train: $(BASE_DIR)/config.json | $(STAMP) ## tokens/s, peak GPU memory, held-out loss: the seed's QLoRA vs ours, lever by lever; BENCH_MODEL=8b-random
-	$(PY) scripts/bench_train.py --base $(BASE_DIR) --dataset $(DATASET) --model $(BENCH_MODEL)
+	$(PY) scripts/bench/train.py --base $(BASE_DIR) --dataset $(DATASET) --model $(BENCH_MODEL)
 
 $(OUT)/.merge-inputs: FORCE
 	$(call write-if-changed,$(MERGE_INPUTS))
@@ -238,10 +238,10 @@ compare: | $(STAMP) ## the same PROMPT through each of MODELS (folders or .gguf,
 	$(PY) scripts/compare.py $(MODELS) --prompt "$$PROMPT" -- $(COMPARE_ARGS)
 
 bench-serve: $(GGUF) | $(LLAMA_BIN)/llama-server $(STAMP) ## served tokens/s, time to first token, errors at 1/8/32 clients vs the engine's own batched numbers (own server on port 8089)
-	$(PY) scripts/bench_serve.py --model $(GGUF) --llama-bin $(LLAMA_BIN) --serve-args "$(ENGINE_ARGS)"
+	$(PY) scripts/bench/serve.py --model $(GGUF) --llama-bin $(LLAMA_BIN) --serve-args "$(ENGINE_ARGS)"
 
 bench-merge: $(BASE_DIR)/config.json $(CHECKPOINT_FILES) | $(LLAMA_SRC) $(STAMP) ## time + peak RSS: the seed's PEFT merge + convert vs ours; BENCH_MODEL=8b-random for a random 8B
-	$(PY) scripts/bench_merge.py $(MERGE_ARGS) --model $(BENCH_MODEL) --quant $(QUANT) --workdir $(OUT)/bench-merge
+	$(PY) scripts/bench/merge.py $(MERGE_ARGS) --model $(BENCH_MODEL) --quant $(QUANT) --workdir $(OUT)/bench-merge
 
 eval: $(BASE_DIR)/config.json $(CHECKPOINT_FILES) | $(LLAMA_BIN)/llama-server $(STAMP) ## quality report on held-out tales: perplexity + KL of base, unmerged, merged, nf4, int8, GGUF f16/q8_0/Q4_K_M (out/eval/)
 	$(PY) scripts/eval_quality.py $(MERGE_ARGS) --dataset $(DATASET) --out $(OUT)/eval --llama-cpp $(LLAMA_CPP)

@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import UserError, run_main  # noqa: E402
+from lib.common import UserError, run_main  # noqa: E402
 
 
 def stream_chat(url: str, prompt: str, max_tokens: int, temperature: float, api_key: str | None):

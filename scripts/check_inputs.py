@@ -14,13 +14,13 @@ import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_checkpoint_args, log, run_main  # noqa: E402
+from lib.common import add_checkpoint_args, log, run_main  # noqa: E402
 
 
 def adapter_shapes(ckpt: Path) -> dict:
     """name -> object with .shape, from the safetensors header (a .bin adapter is small: it is loaded)."""
-    from checkpoints import read_adapter_weights
-    from tensor_io import read_header
+    from lib.checkpoints import read_adapter_weights
+    from lib.tensor_io import read_header
 
     st = ckpt / "adapter_model.safetensors"
     if not st.exists():
@@ -37,12 +37,12 @@ def main() -> None:
     add_checkpoint_args(p, Path("quantization/checkpoints"))
     args = p.parse_args()
 
-    from checkpoints import candidates, read_adapter_config, select_checkpoint
-    from convert_gguf import quant_key
-    from merge_lora import (check_adapter_config, check_tokenizer, parse_adapter, plan_merge, recorded_base_differs,
+    from lib.checkpoints import candidates, read_adapter_config, select_checkpoint
+    from lib.quants import quant_key
+    from lib.merge import (check_adapter_config, check_tokenizer, parse_adapter, plan_merge, recorded_base_differs,
                             tokenizer_source)
-    from prepare_base import check_base_model
-    from tensor_io import CheckpointReader
+    from lib.common import check_base_model
+    from lib.tensor_io import CheckpointReader
 
     quant = quant_key(args.quant)
     check_base_model(args.base_model)

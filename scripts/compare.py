@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import UserError, human_bytes, log, run_main  # noqa: E402
+from lib.common import UserError, human_bytes, log, run_main  # noqa: E402
 
 
 def parse_model(spec: str) -> tuple[Path, str]:

@@ -19,12 +19,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, UserError, add_checkpoint_args, atomic_file, log, run_main  # noqa: E402
-from convert_gguf import run  # noqa: E402
+from lib.common import ROOT, UserError, add_checkpoint_args, atomic_file, log, run_main  # noqa: E402
+from lib.common import run_tool  # noqa: E402
 
 
 def held_out_text(dataset: Path) -> str:
-    from tales import load_tales, split_tales
+    from lib.tales import load_tales, split_tales
     _, held = split_tales(load_tales(dataset))
     if not held:
         raise UserError(f"{dataset} has no held-out tales to evaluate on")
@@ -84,9 +84,9 @@ def gguf_forms(args, ckpt: Path, text_file: Path, work: Path, n_chunks: int, log
     files = {q: work / f"model.{q}.gguf" for q in ("f16", "q8_0", "Q4_K_M")}
     for quant in ("f16", "q8_0"):
         log(f"GGUF {quant} ...")
-        run([py, scripts / "merge_gguf.py", "--base", args.base, "--checkpoint", ckpt.resolve(), "--quant", quant,
+        run_tool([py, scripts / "merge_gguf.py", "--base", args.base, "--checkpoint", ckpt.resolve(), "--quant", quant,
              "--out", files[quant], "--llama-cpp", args.llama_cpp], f"merge_gguf.py --quant {quant}", logpath)
-    run([bin_dir / "llama-quantize", files["f16"], files["Q4_K_M"], "Q4_K_M"], "llama-quantize", logpath)
+    run_tool([bin_dir / "llama-quantize", files["f16"], files["Q4_K_M"], "Q4_K_M"], "llama-quantize", logpath)
     common = ["-f", text_file, "--ctx-size", args.ctx, "--chunks", n_chunks, "--batch-size", args.ctx,
               "--threads", os.cpu_count() or 1]
     kld = work / "f16.kld"
@@ -94,7 +94,7 @@ def gguf_forms(args, ckpt: Path, text_file: Path, work: Path, n_chunks: int, log
     for quant, path in files.items():
         log(f"llama-perplexity on {quant} ...")
         extra = ["--kl-divergence-base", kld] + (["--kl-divergence"] if quant != "f16" else [])
-        out = parse_perplexity(run([bin_dir / "llama-perplexity", "-m", path, *common, *extra],
+        out = parse_perplexity(run_tool([bin_dir / "llama-perplexity", "-m", path, *common, *extra],
                                    f"llama-perplexity on {quant}", logpath))
         results[f"GGUF {quant}"] = {**out, "engine": "llama.cpp", "bytes": path.stat().st_size}
     kld.unlink(missing_ok=True)
@@ -102,11 +102,11 @@ def gguf_forms(args, ckpt: Path, text_file: Path, work: Path, n_chunks: int, log
 
 
 def hf_forms(args, ckpt: Path, ids: list[int], logpath: Path) -> dict:
-    from generate import load
+    from lib.loading import load
 
     merged = args.out / "merged"
     log("merging (Transformers reference) ...")
-    run([sys.executable, ROOT / "scripts" / "merge_lora.py", "--base", args.base, "--checkpoint", ckpt.resolve(),
+    run_tool([sys.executable, ROOT / "scripts" / "merge_lora.py", "--base", args.base, "--checkpoint", ckpt.resolve(),
          "--out", merged], "merge_lora.py", logpath)
     scorer = Scorer(ids, args.ctx)
     forms = [("HF merged 16-bit (reference)", merged, None, "16bit"), ("HF base", args.base, None, "16bit"),
@@ -183,7 +183,7 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from checkpoints import select_checkpoint
+    from lib.checkpoints import select_checkpoint
 
     if not (args.llama_cpp / "build" / "bin" / "llama-perplexity").exists():
         raise UserError("llama-perplexity not found: run 'make vendor' first")

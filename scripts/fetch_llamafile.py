@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, UserError, atomic_file, log, run_main  # noqa: E402
+from lib.common import ROOT, UserError, atomic_file, log, run_main  # noqa: E402
 
 REPO = "https://github.com/Mozilla-Ocho/llamafile"
 

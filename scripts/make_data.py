@@ -4,7 +4,7 @@
 The book is downloaded (or read from --source, a local copy) and checked against a pinned sha256; the
 Gutenberg licence header and footer and the afterword are dropped and the text is split at the tale titles
 listed in the book's own table of contents. The held-out tales for evaluation are chosen from this file by
-a hash of each title (scripts/tales.py), so every machine holds out the same ones.
+a hash of each title (scripts/lib/tales.py), so every machine holds out the same ones.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import UserError, atomic_file, log, run_main  # noqa: E402
+from lib.common import UserError, atomic_file, log, run_main  # noqa: E402
 
 URL = "https://www.gutenberg.org/cache/epub/2591/pg2591.txt"
 SHA256 = "4d909d18d528fbf393a06ecc05487006d6983f69d55a16138e4bc7642213eb90"

@@ -3,7 +3,7 @@
 
 llama.cpp's own converter (convert_hf_to_gguf.py at the pinned commit) does all the GGUF work: tensor names,
 the q/k permutation, metadata, tokenizer, which tensors stay F32. Only its tensor *source* is replaced: each
-tensor is read from the base and merged with the adapter (merge_lora.MergedSource) as the converter writes it
+tensor is read from the base and merged with the adapter (lib/merge.py: MergedSource) as the converter writes it
 (the next two prefetched), so a few tensors are in memory at a time; embedding and output go in row chunks.
 Its single-threaded numpy q8_0 is replaced by a multi-threaded torch one that gives the same bytes.
 It does not import Transformers where it can do without (ConfigFromJson, FastTokenizer): that import alone
@@ -30,9 +30,9 @@ import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from lib.common import (  # noqa: E402
     ROOT, UserError, add_checkpoint_args, atomic_file, human_bytes, log, require_base, require_free_space, run_main)
-from convert_gguf import CONVERTER_TYPES, QUANTIZE_TYPES, quant_key, via_16bit  # noqa: E402
+from lib.quants import CONVERTER_TYPES, QUANTIZE_TYPES, quant_key, via_16bit  # noqa: E402
 
 # float32 bytes per row chunk of a streamed tensor (tests set it small to exercise the chunking)
 ROW_CHUNK_BYTES = int(os.environ.get("LORA_SHIP_ROW_CHUNK_BYTES", 128 << 20))
@@ -276,7 +276,7 @@ def write_gguf(source, outtype: str, out: Path, llama_cpp: Path, model_name: str
     """Run the converter on a folder holding the merged model's config and tokenizer, with tensors from source."""
     import torch
 
-    from merge_lora import write_side_files
+    from lib.merge import write_side_files
 
     conversion, gguf = load_converter(llama_cpp)
     use_fast_q8_0(gguf)
@@ -321,8 +321,8 @@ def main() -> None:
     p.add_argument("--log", type=Path, default=ROOT / "out" / "logs" / "convert.log", help="llama-quantize log")
     args = p.parse_args()
 
-    from checkpoints import select_checkpoint
-    from merge_lora import MergedSource, gguf_model_name
+    from lib.checkpoints import select_checkpoint
+    from lib.merge import MergedSource, gguf_model_name
 
     key = quant_key(args.quant)
     require_base(args.base)

@@ -19,7 +19,7 @@ import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, UserError, atomic_file, log, require_free_space, run_main  # noqa: E402
+from lib.common import ROOT, UserError, atomic_file, log, require_free_space, run_main  # noqa: E402
 
 ALIGN = 65536  # covers 4 KiB, 16 KiB and 64 KiB pages
 PAD_ID = 0xD935  # extra-field id used by Android's zipalign for padding; readers skip unknown ids

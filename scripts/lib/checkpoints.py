@@ -5,7 +5,7 @@ import json
 import sys
 from pathlib import Path
 
-from common import UserError
+from lib.common import UserError
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
@@ -87,7 +87,7 @@ def read_adapter_weights(ckpt: Path) -> dict:
     """name -> tensor of the adapter file (safetensors, or a PyTorch pickle read with weights_only)."""
     import torch
 
-    from tensor_io import load_safetensors
+    from lib.tensor_io import load_safetensors
 
     st = ckpt / "adapter_model.safetensors"
     if st.exists():

@@ -33,8 +33,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, UserError, log, run_main  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # scripts/, for lib
+from lib.common import ROOT, UserError, log, run_main  # noqa: E402
 
 WORDS = ("once upon a time there lived a king who had three daughters and the youngest was so beautiful that "
          "the sun itself was astonished whenever it shone in her face").split()

@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, UserError, add_checkpoint_args, run_main  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # scripts/, for lib
+from lib.common import ROOT, UserError, add_checkpoint_args, run_main  # noqa: E402
 
 
 def timed(cmd: list[str], logpath: Path) -> tuple[float, float]:
@@ -52,12 +52,12 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     py, scripts, converter = sys.executable, ROOT / "scripts", str(args.llama_cpp / "convert_hf_to_gguf.py")
     if args.model == "8b-random":
-        if subprocess.run([py, str(scripts / "random_model.py"), "--out", str(work / "8b-random"),
+        if subprocess.run([py, str(scripts / "tools" / "random_model.py"), "--out", str(work / "8b-random"),
                            "--tokenizer", str(args.base)]).returncode != 0:
             raise UserError("random_model.py failed")
         args.base, ckpt = work / "8b-random" / "base", work / "8b-random" / "adapter"
     else:
-        from checkpoints import select_checkpoint
+        from lib.checkpoints import select_checkpoint
         ckpt = select_checkpoint(args.checkpoints_dir, args.checkpoint, args.fallback)
     if not (args.base / "config.json").exists():
         raise UserError(f"{args.base / 'config.json'} not found (run 'make base' first, or pass --base)")
@@ -96,7 +96,7 @@ def main() -> None:
 
 
 def human(base: Path) -> str:
-    from common import dir_size, human_bytes
+    from lib.common import dir_size, human_bytes
     return human_bytes(dir_size(base))
 
 

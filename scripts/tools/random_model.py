@@ -14,9 +14,9 @@ import shutil
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import UserError, atomic_dir, log, require_free_space, run_main  # noqa: E402
-from merge_lora import TOKENIZER_FILES  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # scripts/, for lib
+from lib.common import UserError, atomic_dir, log, require_free_space, run_main  # noqa: E402
+from lib.merge import TOKENIZER_FILES  # noqa: E402
 
 LLAMA_31_8B = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
@@ -47,7 +47,7 @@ def write_base(out: Path, tokenizer: Path, seed: int) -> None:
     import torch
     from tqdm import tqdm
 
-    from tensor_io import ShardedWriter
+    from lib.tensor_io import ShardedWriter
 
     plan = tensor_plan(LLAMA_31_8B)
     require_free_space(out.parent, sum(2 * n for n in (s[0] * (s[1] if len(s) > 1 else 1) for _, s in plan)),

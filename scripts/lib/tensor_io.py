@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 from safetensors import SafetensorError, safe_open
 
-from common import UserError
+from lib.common import UserError
 
 DTYPE_TO_ST = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",

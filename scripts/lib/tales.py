@@ -9,7 +9,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from common import UserError
+from lib.common import UserError
 
 # For bases without a chat template of their own (e.g. Llama 2 base): a plain Human/Assistant format,
 # spelled the same way in training and at inference (the seed trained on "###Assisstant:" and then
