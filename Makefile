@@ -48,10 +48,35 @@ SAVE_EVERY       ?= 10
 GENERATE_ARGS    ?=
 BENCH_MODEL      ?= default
 PYTEST_ARGS      ?=
+PIPELINE_JOBS    ?= 3
 
 HELP_VARS := BASE_MODEL CHECKPOINTS_DIR CHECKPOINT DATASET GUTENBERG_TXT QUANT MERGE_METHOD HOST PORT API_KEY ALLOW_NO_KEY ENGINE \
   GPU_LAYERS CTX_SIZE PARALLEL BACKEND_SAMPLING CACHE_RAM SERVER_ARGS PROMPT OUT VENV TORCH_SPEC LLAMA_CPP_COMMIT LLAMA_CPP_REPO LLAMA_BACKEND \
-  LLAMAFILE_VERSION LLAMAFILE_SHA256 DEMO_STEPS TRAIN_STEPS RECIPE NPROC TRAIN_ARGS RUN_NAME EVAL_EVERY SAVE_EVERY LOAD MODEL GENERATE_ARGS MODELS COMPARE_ARGS KEEP_MERGED BENCH_MODEL
+  LLAMAFILE_VERSION LLAMAFILE_SHA256 PIPELINE_JOBS DEMO_STEPS TRAIN_STEPS RECIPE NPROC TRAIN_ARGS RUN_NAME EVAL_EVERY SAVE_EVERY LOAD MODEL GENERATE_ARGS MODELS COMPARE_ARGS KEEP_MERGED BENCH_MODEL
+
+# Plain `make` (and `make test`) runs independent stages at once: the llama.cpp build (which needs no Python
+# packages) goes on beside the install, the base model and the demo training, so the build is most of the wait.
+# Other targets run one step at a time unless given -j. After an error, make still waits for the jobs already running.
+# The input check still comes before any long step: in `make` the build and the base wait for it.
+ifeq ($(filter-out all test,$(MAKECMDGOALS)),)
+  MAKEFLAGS += --jobs=$(PIPELINE_JOBS)
+endif
+ifeq ($(filter-out all,$(MAKECMDGOALS)),)
+  AFTER_CHECK := check
+endif
+
+# ---- stage timing: a line when a stage starts, its time when it ends, a summary at the end of `make` ----
+RUN_START := $(shell date +%s)
+STAGE_TIMES := $(OUT)/logs/stage-times.tsv
+stage-start = @mkdir -p $(OUT)/logs && date +%s > $(OUT)/logs/.stage-$(1) && echo ">>> $(1): $(2)"
+stage-end = @s=$$(( $$(date +%s) - $$(cat $(OUT)/logs/.stage-$(1)) )); rm -f $(OUT)/logs/.stage-$(1); \
+  printf '%s\t%s\t%s\n' $(RUN_START) $(1) $$s >> $(STAGE_TIMES); \
+  printf '>>> %s: done in %dm%02ds\n' $(1) $$((s / 60)) $$((s % 60))
+stage-summary = @touch $(STAGE_TIMES); awk -F'\t' -v run=$(RUN_START) -v now=$$(date +%s) \
+  'function t(s) { return sprintf("%dm%02ds", s / 60, s % 60) } \
+   $$1 == run { n++; printf "%s    %-14s %s\n", (n == 1 ? ">>> stage times:\n" : ""), $$2, t($$3) } \
+   END { printf ">>> %s in %s%s\n", (n ? "make" : "nothing to redo: make"), t(now - run), \
+         (n > 1 ? " (some stages ran side by side)" : "") }' $(STAGE_TIMES)
 
 # ---- derived paths ----
 PY        := $(VENV)/bin/python
@@ -87,10 +112,11 @@ MERGE_INPUTS := $(BASE_DIR) $(CHECKPOINT) $(MERGE_METHOD) $(sort $(USER_CHECKPOI
 
 .PHONY: all help install check vendor llamafile base merge quantize serve serve-bg stop chat train test clean \
         package generate compare bench-merge bench-train bench-serve test-serve eval data \
-        clean-vendor FORCE run-install-python-dependencies run-download-llamafile run-clone-repositories \
+        clean-vendor test-without-llama-cpp test-llama-cpp FORCE run-install-python-dependencies run-download-llamafile run-clone-repositories \
         run-merge-models run-quantize-llama-model
 
-all: install check vendor llamafile base merge quantize serve-bg ## the whole pipeline: install, check inputs, build, merge, quantize, serve in the background
+all: install check vendor llamafile base merge quantize serve-bg ## the whole pipeline: install, check inputs, build, merge, quantize, serve in the background; stage times at the end
+	$(call stage-summary)
 
 help: ## list targets and variables
 	@echo "Targets:"
@@ -106,6 +132,7 @@ run-install-python-dependencies: install ## alias of install (seed name)
 
 # torch first and pinned: an unpinned torch (or one pulled in by another package) is a multi-GB CUDA build
 $(STAMP): requirements.local.txt
+	$(call stage-start,install,Python packages into $(VENV) (torch first))
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q "$(TORCH_SPEC)"
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.local.txt
@@ -114,6 +141,7 @@ $(STAMP): requirements.local.txt
 	@printf '%s --hash=sha256:%s\n' "$(LLAMA_CPP_PYTHON)" "$(LLAMA_CPP_PYTHON_SHA256)" > $(VENV)/llama-cpp-python.txt
 	CMAKE_ARGS="-DLLAMA_BUILD=OFF" $(PY) -m pip install --disable-pip-version-check -q --no-deps --require-hashes \
 	  -r $(VENV)/llama-cpp-python.txt
+	$(call stage-end,install)
 	@touch $@
 
 # A stamp of make variables for file targets to depend on (FORCE runs it every time): $@ is rewritten, and so
@@ -132,13 +160,17 @@ vendor: $(LLAMA_BIN)/llama-server ## fetch llama.cpp at LLAMA_CPP_COMMIT, apply 
 run-clone-repositories: vendor ## alias of vendor (seed name)
 
 $(LLAMA_SRC): $(wildcard patches/llama.cpp/*.patch)
+	$(call stage-start,llama.cpp-source,llama.cpp $(LLAMA_CPP_COMMIT) with patches/llama.cpp)
 	$(PYTHON) scripts/vendor_llama_cpp.py fetch --commit $(LLAMA_CPP_COMMIT) --repo $(LLAMA_CPP_REPO) --log $(OUT)/logs/llama.cpp.log
+	$(call stage-end,llama.cpp-source)
 
 # Built again when the source, the build script (its flags) or LLAMA_BACKEND change; the script reuses a cached
 # build whose key (commit, patch set, backend, flags) is unchanged, so that takes a second. touch: the reused
 # binary is older than what changed.
-$(LLAMA_BIN)/llama-server: $(LLAMA_SRC) scripts/vendor_llama_cpp.py vendor/.llama-build-inputs
+$(LLAMA_BIN)/llama-server: $(LLAMA_SRC) scripts/vendor_llama_cpp.py vendor/.llama-build-inputs | $(AFTER_CHECK)
+	$(call stage-start,llama.cpp-build,llama-server and tools (a cached build is reused))
 	$(PYTHON) scripts/vendor_llama_cpp.py build --backend $(LLAMA_BACKEND) --log $(OUT)/logs/llama.cpp.log
+	$(call stage-end,llama.cpp-build)
 	@touch $@
 
 vendor/.llama-build-inputs: FORCE
@@ -151,14 +183,17 @@ run-download-llamafile: llamafile ## alias of llamafile (seed name)
 # ---- model ----
 base: $(BASE_DIR)/config.json ## the base model as a Hugging Face folder (BASE_MODEL: smollm2, a folder, or a hub id)
 
-$(BASE_DIR)/config.json: | $(STAMP)
+$(BASE_DIR)/config.json: | $(STAMP) $(AFTER_CHECK)
+	$(call stage-start,base,$(BASE_MODEL) as a Hugging Face folder)
 	$(PY) scripts/prepare_base.py --base-model "$(BASE_MODEL)" --out $(BASE_DIR) --cache $(OUT)/cache
+	$(call stage-end,base)
 
 $(DEMO_CKPT)/adapter_config.json: $(BASE_DIR)/config.json $(DATASET) | $(STAMP) check
-	@echo ">>> No checkpoint in $(CHECKPOINTS_DIR)/: training a small demo LoRA adapter on the Grimm tales"
-	@echo ">>> ($(DEMO_STEPS) steps, about 2 minutes on 2 cores). To merge your own, copy its folder"
+	$(call stage-start,demo-adapter,no checkpoint in $(CHECKPOINTS_DIR)/: training a small demo LoRA on the Grimm tales)
+	@echo ">>> ($(DEMO_STEPS) steps; 20 take about 3 minutes on 2 cores). To merge your own, copy its folder"
 	@echo ">>> (adapter_config.json + adapter_model.safetensors) into $(CHECKPOINTS_DIR)/ and run make again."
 	$(PY) scripts/train_lora.py --base $(BASE_DIR) --dataset $(DATASET) --out $(DEMO_CKPT) --steps $(DEMO_STEPS)
+	$(call stage-end,demo-adapter)
 
 data: | $(STAMP) ## build out/data/grimm_stories.jsonl from Gutenberg #2591 (sha256-checked; GUTENBERG_TXT=local copy offline)
 	$(PY) scripts/make_data.py --source "$(GUTENBERG_TXT)" --out $(OUT)/data/grimm_stories.jsonl
@@ -185,18 +220,24 @@ MERGE_ARGS = --base $(BASE_DIR) --checkpoints-dir $(CHECKPOINTS_DIR) $(if $(CHEC
   $(FALLBACK_ARG)
 
 $(MERGED)/config.json: $(BASE_DIR)/config.json $(CHECKPOINT_FILES) $(OUT)/.merge-inputs | $(STAMP) check
+	$(call stage-start,merge,the adapter into $(MERGED))
 	$(PY) scripts/merge_lora.py $(MERGE_ARGS) --method $(MERGE_METHOD) --out $(MERGED)
+	$(call stage-end,merge)
 
 ifneq ($(KEEP_MERGED)$(filter peft,$(MERGE_METHOD)),)
 merge: $(MERGED)/config.json ## merge the checkpoint (CHECKPOINTS_DIR, or CHECKPOINT=) into the base: straight into the GGUF; KEEP_MERGED=1 also keeps an HF copy in out/merged
 $(GGUF): $(MERGED)/config.json | $(CONVERT_TOOLS) $(STAMP) check
+	$(call stage-start,quantize,$(MERGED) to $@)
 	$(PY) scripts/convert_gguf.py --model $(MERGED) --quant $(QUANT) --out $@ --llama-cpp $(LLAMA_CPP) \
 	  --log $(OUT)/logs/convert.log
+	$(call stage-end,quantize)
 else
 merge: $(GGUF)
 $(GGUF): $(BASE_DIR)/config.json $(CHECKPOINT_FILES) $(OUT)/.merge-inputs | $(CONVERT_TOOLS) $(STAMP) check
+	$(call stage-start,merge,the adapter straight into $@)
 	$(PY) scripts/merge_gguf.py $(MERGE_ARGS) --quant $(QUANT) --out $@ --llama-cpp $(LLAMA_CPP) \
 	  --log $(OUT)/logs/convert.log
+	$(call stage-end,merge)
 endif
 run-merge-models: merge ## alias of merge (seed name)
 
@@ -214,7 +255,9 @@ serve: $(GGUF) | $(LLAMA_BIN)/llama-server ## serve the GGUF on HOST:PORT in the
 	$(PYTHON) scripts/serve.py start $(SERVE_ARGS)
 
 serve-bg: $(GGUF) | $(LLAMA_BIN)/llama-server ## serve in the background (pid in out/server.pid); `make stop` ends it
+	$(call stage-start,serve,$(GGUF) on $(HOST):$(PORT) in the background)
 	$(PYTHON) scripts/serve.py start --background $(SERVE_ARGS)
+	$(call stage-end,serve)
 
 package: $(GGUF) | llamafile ## one self-contained executable: the llamafile binary + the GGUF + default args ($(OUT)/model.QUANT.llamafile; run it with --server)
 	$(PYTHON) scripts/package_llamafile.py --model $(GGUF) --out $(GGUF:.gguf=.llamafile) --llamafile $(LLAMAFILE) \
@@ -247,8 +290,13 @@ eval: $(BASE_DIR)/config.json $(CHECKPOINT_FILES) | $(LLAMA_BIN)/llama-server $(
 	$(PY) scripts/eval_quality.py $(MERGE_ARGS) --dataset $(DATASET) --out $(OUT)/eval --llama-cpp $(LLAMA_CPP)
 
 # ---- checks and housekeeping ----
-test: $(STAMP) $(LLAMA_BIN)/llama-server ## run the test suite (tests/)
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+# Two pytest runs: the tests that need no llama.cpp build go while it builds (make test runs jobs side by side),
+# the rest (marked llama_cpp in tests/) once it is there.
+test: test-llama-cpp ## run the test suite (tests/): what needs no llama.cpp build runs while it builds
+test-without-llama-cpp: $(STAMP)
+	$(PY) -m pytest tests -m "not llama_cpp" $(PYTEST_ARGS)
+test-llama-cpp: $(STAMP) $(LLAMA_BIN)/llama-server | test-without-llama-cpp
+	$(PY) -m pytest tests -m llama_cpp $(PYTEST_ARGS)
 
 test-serve: $(GGUF) | $(LLAMA_BIN)/llama-server $(STAMP) ## load and fault suite against the GGUF: 32 concurrent clients, bad requests, disconnects, restarts (loopback)
 	LORA_SHIP_GGUF=$(GGUF) $(PY) -m pytest tests/test_serve_faults.py $(PYTEST_ARGS)

@@ -8,7 +8,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 from helpers import LLAMA_SERVER, make_tiny_llama  # noqa: E402
 
-needs_llama_cpp = pytest.mark.skipif(not LLAMA_SERVER.exists(), reason="llama.cpp not built (make vendor)")
+# Tests that need the llama.cpp build (its tools, libllama, or `make`, which builds it) carry this marker: `make
+# test` runs the others while llama.cpp builds (-m "not llama_cpp"), these afterwards; without a build they skip.
+needs_llama_cpp = pytest.mark.llama_cpp
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "llama_cpp: needs the llama.cpp build (skipped without one)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not LLAMA_SERVER.exists():
+        skip = pytest.mark.skip(reason="llama.cpp not built (make vendor)")
+        for item in items:
+            if "llama_cpp" in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

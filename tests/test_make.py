@@ -1,6 +1,7 @@
 """`make` end to end on the embedded SmolLM2 default, and the Makefile's error paths."""
 import json
 import os
+import re
 import subprocess
 
 import pytest
@@ -40,7 +41,12 @@ def default_run(tmp_path_factory):
 
 def test_make_serves_the_merged_model(default_run):
     out, port, _, proc = default_run
-    assert "training a small demo LoRA adapter" in proc.stdout
+    assert "demo-adapter: no checkpoint in" in proc.stdout
+    summary = proc.stdout.split(">>> stage times:")[1]  # each stage's start line, its time, then all in the summary
+    for stage in ("base", "demo-adapter", "merge", "serve"):
+        assert f">>> {stage}: " in proc.stdout and f">>> {stage}: done in " in proc.stdout
+        assert re.search(rf"^    {stage} +\d+m\d\ds$", summary, re.M), summary
+    assert re.search(r"^>>> make in \d+m\d\ds", summary, re.M)
     assert (out / "demo-checkpoint" / "adapter_model.safetensors").exists()
     assert (out / "model.q8_0.gguf").exists()
     assert not (out / "merged").exists()  # merged straight into the GGUF: no 16-bit copy on disk

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import needs_llama_cpp
 from helpers import ROOT, error_line, run_script
 from vendor_llama_cpp import apply_patches  # scripts/ is on sys.path (conftest)
 
@@ -99,6 +100,7 @@ def test_apply_patches_to_a_plain_tree_inside_another_repository(tmp_path):
     assert (src / "tools/server/server.cpp").read_text() == "int slot = pick_lowest_free();\n"
 
 
+@needs_llama_cpp
 def test_the_built_cpu_backend_leaves_out_the_amx_matmul():
     """llama.cpp's AMX matmul segfaults on some AMX Xeons (upstream #20824; it crashed every request on this
     project's own 2-core AMX machine): the build keeps it out with -mno-amx-*. On an AMX machine a build without
@@ -110,13 +112,12 @@ def test_the_built_cpu_backend_leaves_out_the_amx_matmul():
     assert "ggml_backend_amx_mul_mat" not in symbols, f"{libs[0].name} carries the AMX matmul"
 
 
+@needs_llama_cpp
 def test_a_tool_prints_its_last_lines_before_exiting(tiny_gguf, tmp_path):
     """Patch 0008: llama.cpp logs through a worker thread and leaks the logger on purpose, so lines still queued
     at exit were lost (about one llama-perplexity run in nine on the 2-core box ended without its final
     estimate). Every one of 20 runs now prints its last chunk and the final estimate."""
     from conftest import LLAMA_SERVER
-    if not LLAMA_SERVER.exists():
-        pytest.skip("llama.cpp not built (make vendor)")
     text = tmp_path / "text.txt"
     text.write_text((ROOT / "data" / "grimm_stories.jsonl").read_text()[:6000])
     cmd = [LLAMA_SERVER.with_name("llama-perplexity"), "-m", tiny_gguf, "-f", text, "--ctx-size", "64",
