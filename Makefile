@@ -46,13 +46,14 @@ RUN_NAME         ?= grimm-lora
 EVAL_EVERY       ?= 10
 SAVE_EVERY       ?= 10
 GENERATE_ARGS    ?=
+EVAL_ARGS        ?=
 BENCH_MODEL      ?= default
 PYTEST_ARGS      ?=
 PIPELINE_JOBS    ?= 3
 
 HELP_VARS := BASE_MODEL CHECKPOINTS_DIR CHECKPOINT DATASET GUTENBERG_TXT QUANT MERGE_METHOD HOST PORT API_KEY ALLOW_NO_KEY ENGINE \
   GPU_LAYERS CTX_SIZE PARALLEL BACKEND_SAMPLING CACHE_RAM SERVER_ARGS PROMPT OUT VENV TORCH_SPEC LLAMA_CPP_COMMIT LLAMA_CPP_REPO LLAMA_BACKEND \
-  LLAMAFILE_VERSION LLAMAFILE_SHA256 PIPELINE_JOBS DEMO_STEPS TRAIN_STEPS RECIPE NPROC TRAIN_ARGS RUN_NAME EVAL_EVERY SAVE_EVERY LOAD MODEL GENERATE_ARGS MODELS COMPARE_ARGS KEEP_MERGED BENCH_MODEL
+  LLAMAFILE_VERSION LLAMAFILE_SHA256 PIPELINE_JOBS DEMO_STEPS TRAIN_STEPS RECIPE NPROC TRAIN_ARGS RUN_NAME EVAL_EVERY SAVE_EVERY LOAD MODEL GENERATE_ARGS EVAL_ARGS MODELS COMPARE_ARGS KEEP_MERGED BENCH_MODEL
 
 # Plain `make` (and `make test`) runs independent stages at once: the llama.cpp build (which needs no Python
 # packages) goes on beside the install, the base model and the demo training, so the build is most of the wait.
@@ -286,14 +287,14 @@ bench-serve: $(GGUF) | $(LLAMA_BIN)/llama-server $(STAMP) ## served tokens/s, ti
 bench-merge: $(BASE_DIR)/config.json $(CHECKPOINT_FILES) | $(LLAMA_SRC) $(STAMP) ## time + peak RSS: the seed's PEFT merge + convert vs ours; BENCH_MODEL=8b-random for a random 8B
 	$(PY) scripts/bench/merge.py $(MERGE_ARGS) --model $(BENCH_MODEL) --quant $(QUANT) --workdir $(OUT)/bench-merge
 
-eval: $(BASE_DIR)/config.json $(CHECKPOINT_FILES) | $(LLAMA_BIN)/llama-server $(STAMP) ## quality report on held-out tales: perplexity + KL of base, unmerged, merged, nf4, int8, GGUF f16/q8_0/Q4_K_M (out/eval/)
-	$(PY) scripts/eval_quality.py $(MERGE_ARGS) --dataset $(DATASET) --out $(OUT)/eval --llama-cpp $(LLAMA_CPP)
+eval: $(BASE_DIR)/config.json $(CHECKPOINT_FILES) | $(LLAMA_BIN)/llama-server $(STAMP) ## quality report on held-out tales: perplexity + KL of base, unmerged, merged, nf4, int8, GGUF f16/q8_0/Q4_K_M (out/eval/; EVAL_ARGS='--max-tokens N')
+	$(PY) scripts/eval_quality.py $(MERGE_ARGS) --dataset $(DATASET) --out $(OUT)/eval --llama-cpp $(LLAMA_CPP) $(EVAL_ARGS)
 
 # ---- checks and housekeeping ----
-# Two pytest runs: the tests that need no llama.cpp build go while it builds (make test runs jobs side by side),
-# the rest (marked llama_cpp in tests/) once it is there.
+# Two pytest runs: the tests that need no llama.cpp build (some need its source) go while it builds (make test
+# runs jobs side by side), the rest (marked llama_cpp in tests/) once it is there.
 test: test-llama-cpp ## run the test suite (tests/): what needs no llama.cpp build runs while it builds
-test-without-llama-cpp: $(STAMP)
+test-without-llama-cpp: $(STAMP) $(LLAMA_SRC)
 	$(PY) -m pytest tests -m "not llama_cpp" $(PYTEST_ARGS)
 test-llama-cpp: $(STAMP) $(LLAMA_BIN)/llama-server | test-without-llama-cpp
 	$(PY) -m pytest tests -m llama_cpp $(PYTEST_ARGS)

@@ -257,7 +257,7 @@ def build(args) -> None:
             ("cmake configure", ["cmake", "-S", str(src), "-B", str(build_dir), *flags]),
             ("cmake build", ["cmake", "--build", str(build_dir), "-j", jobs, "--target", *TOOLS]),
         ]
-        log(f"building {', '.join(TOOLS)} ({backend}, -j{jobs}); this takes about 10 minutes on 2 cores; "
+        log(f"building {', '.join(TOOLS)} ({backend}, -j{jobs}); about 10 minutes on 2 cores, a CUDA build 6 on 16; "
             f"log: {logpath}")
         with open(logpath, "a") as logf:
             for name, cmd in steps:

@@ -6,23 +6,29 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
-from helpers import LLAMA_SERVER, make_tiny_llama  # noqa: E402
+from helpers import LLAMA_CPP, LLAMA_SERVER, make_tiny_llama  # noqa: E402
 
-# Tests that need the llama.cpp build (its tools, libllama, or `make`, which builds it) carry this marker: `make
-# test` runs the others while llama.cpp builds (-m "not llama_cpp"), these afterwards; without a build they skip.
+# Tests that need the llama.cpp build (its tools, libllama, or `make`, which builds it) are marked llama_cpp: `make
+# test` runs the others while llama.cpp builds (-m "not llama_cpp"), these afterwards. Tests that need only its
+# source (the converter, gguf-py, the vocab files) are marked llama_cpp_source and run in the first group.
+# Without the build (or the source) they skip.
 needs_llama_cpp = pytest.mark.llama_cpp
+needs_llama_source = pytest.mark.llama_cpp_source
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "llama_cpp: needs the llama.cpp build (skipped without one)")
+    config.addinivalue_line("markers", "llama_cpp_source: needs the llama.cpp source tree (skipped without it)")
 
 
 def pytest_collection_modifyitems(config, items):
-    if not LLAMA_SERVER.exists():
-        skip = pytest.mark.skip(reason="llama.cpp not built (make vendor)")
-        for item in items:
-            if "llama_cpp" in item.keywords:
-                item.add_marker(skip)
+    missing = {"llama_cpp": (LLAMA_SERVER, "llama.cpp not built (make vendor)"),
+               "llama_cpp_source": (LLAMA_CPP / "convert_hf_to_gguf.py", "no llama.cpp source (make vendor)")}
+    for marker, (needed, reason) in missing.items():
+        if not needed.exists():
+            for item in items:
+                if marker in item.keywords:
+                    item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(scope="session")

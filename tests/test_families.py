@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import needs_llama_cpp
+from conftest import needs_llama_cpp, needs_llama_source
 from families import FAMILIES, make_family_model
 from helpers import LLAMA_SERVER, http_json, make_adapter, run_script, running_server, vocab_test_cases
 from test_merge_gguf import assert_same_gguf, tensors
 
-pytestmark = needs_llama_cpp
+pytestmark = needs_llama_source  # the tests through llama.cpp's tools or libllama also need the build
 CHAT = [{"role": "user", "content": "Tell me a fairy tale about a frog."},
         {"role": "assistant", "content": "Once upon a time a frog lived in a well."},
         {"role": "user", "content": "And then?"}]
@@ -72,6 +72,7 @@ def llama_cpp_logits(gguf, ids: list[int]) -> np.ndarray:
         llm.close()
 
 
+@needs_llama_cpp
 def test_f32_gguf_logits_equal_peft_merge(family):
     fam, tmp, base, tok, merged, ckpts = family
     gguf = made(family, "f32")
@@ -113,6 +114,7 @@ def test_two_step_and_q8_0(family):
     assert any(t.tensor_type.name == "Q8_0" for t in quantized.values())
 
 
+@needs_llama_cpp
 def test_served_template_and_tokenizer(family, tmp_path):
     fam, tmp, base, tok, merged, ckpts = family
     q8 = made(family, "q8_0")
@@ -182,9 +184,14 @@ def test_slow_tokenizer_only_base(tmp_path):
     merge_gguf(tmp_path / "base", tmp_path / "ckpts", tmp_path / "m.q8_0.gguf", "q8_0")
 
 
+# one family per tokenizer kind: Llama 2 SentencePiece (Mistral; Qwen3 and the Gemmas share their code paths
+# with these three), Qwen2 BPE, Phi-3's SentencePiece with its special tokens; Llama 3 runs in test_make.py
+@needs_llama_cpp
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "phi3"], indirect=True)
 def test_compare_and_eval_run_on_the_family(family):
     """`make compare` (HF 16-bit, nf4 and the GGUF through llama-cpp-python) and `make eval` (every form) on
-    each family. The unmerged adapter and the merged model agree (the merge is right); the base does not."""
+    a family of each tokenizer kind. The unmerged adapter and the merged model agree (the merge is right); the
+    base does not."""
     fam, tmp, base, tok, merged, ckpts = family
     merged_dir, q8 = made(family, "merged"), made(family, "q8_0")
     proc = run_script("compare.py", merged_dir, f"{merged_dir}:nf4", q8, "--prompt", "Once upon a time",

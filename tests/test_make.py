@@ -93,7 +93,7 @@ def test_gguf_distribution_matches_merged_hf_model(default_run):
 
 def test_make_eval_reports_what_merging_and_quantizing_cost(default_run):
     out, _, args, _ = default_run
-    proc = make(*args, "eval")
+    proc = make(*args, "EVAL_ARGS=--max-tokens 2048", "eval")  # 1,024 tokens scored (the default 4,096: 2,048)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (out / "eval" / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "eval" / "report.md").read_text()

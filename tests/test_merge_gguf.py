@@ -8,10 +8,10 @@ from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize, quantize
 from safetensors.torch import load_file, save_file
 
-from conftest import needs_llama_cpp
+from conftest import needs_llama_cpp, needs_llama_source
 from helpers import error_line, make_adapter, make_tiny_llama, run_script
 
-pytestmark = needs_llama_cpp
+pytestmark = needs_llama_source  # test_direct_k_quant also needs the build
 # general.name / general.finetune come from folder names, which differ between the two paths by design
 NAMING_KEYS = {"general.name", "general.basename", "general.finetune", "GGUF.kv_count"}
 
@@ -149,6 +149,7 @@ def test_direct_within_one_q8_step_of_the_peft_reference(tiny_spm, tmp_path):
         assert np.all(np.abs(a - b) <= step * 1.01 + 1e-12), name
 
 
+@needs_llama_cpp
 def test_direct_k_quant(tmp_path):
     base_dir = tmp_path / "base"
     base_model, _ = make_tiny_llama(base_dir, "spm", hidden=256)  # k-quants need rows of 256

@@ -52,7 +52,7 @@ def completion(hostport: str, **fields) -> tuple[int, dict]:
 def assert_still_serving(hostport: str) -> None:
     status, body = request(hostport, "GET", "/health")
     assert status == 200, body
-    status, out = completion(hostport)
+    status, out = completion(hostport, ignore_eos=True)  # a random model may sample EOS early
     assert status == 200 and out["tokens_predicted"] == 8, out
 
 
@@ -78,7 +78,8 @@ def test_32_concurrent_clients_with_no_failure(server):
     def client(c: int) -> None:
         for k in range(3):
             try:
-                status, out = completion(server, prompt=f"Tale {c}-{k}: once upon a time", n_predict=6)
+                status, out = completion(server, prompt=f"Tale {c}-{k}: once upon a time", n_predict=6,
+                                             ignore_eos=True)
                 if status != 200 or out.get("tokens_predicted") != 6:
                     failures.append((c, k, status))
                 else:
