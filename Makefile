@@ -58,11 +58,13 @@ HELP_VARS := BASE_MODEL CHECKPOINTS_DIR CHECKPOINT DATASET GUTENBERG_TXT QUANT M
 # Plain `make` (and `make test`) runs independent stages at once: the llama.cpp build (which needs no Python
 # packages) goes on beside the install, the base model and the demo training, so the build is most of the wait.
 # Other targets run one step at a time unless given -j. After an error, make still waits for the jobs already running.
-# The input check still comes before any long step: in `make` the build and the base wait for it.
+# The input checks still come first: in `make` the quick one (system Python, a second) before the install, the
+# llama.cpp source and build start, the full one (the adapter's fit, the tokenizer files) before the base.
 ifeq ($(filter-out all test,$(MAKECMDGOALS)),)
   MAKEFLAGS += --jobs=$(PIPELINE_JOBS)
 endif
 ifeq ($(filter-out all,$(MAKECMDGOALS)),)
+  AFTER_QUICK_CHECK := quick-check
   AFTER_CHECK := check
 endif
 
@@ -75,7 +77,7 @@ stage-end = @s=$$(( $$(date +%s) - $$(cat $(OUT)/logs/.stage-$(1)) )); rm -f $(O
   printf '>>> %s: done in %dm%02ds\n' $(1) $$((s / 60)) $$((s % 60))
 stage-summary = @touch $(STAGE_TIMES); awk -F'\t' -v run=$(RUN_START) -v now=$$(date +%s) \
   'function t(s) { return sprintf("%dm%02ds", s / 60, s % 60) } \
-   $$1 == run { n++; printf "%s    %-14s %s\n", (n == 1 ? ">>> stage times:\n" : ""), $$2, t($$3) } \
+   $$1 == run { n++; printf "%s    %-16s %s\n", (n == 1 ? ">>> stage times:\n" : ""), $$2, t($$3) } \
    END { printf ">>> %s in %s%s\n", (n ? "make" : "nothing to redo: make"), t(now - run), \
          (n > 1 ? " (some stages ran side by side)" : "") }' $(STAGE_TIMES)
 
@@ -113,7 +115,7 @@ MERGE_INPUTS := $(BASE_DIR) $(CHECKPOINT) $(MERGE_METHOD) $(sort $(USER_CHECKPOI
 
 .PHONY: all help install check vendor llamafile base merge quantize serve serve-bg stop chat train test clean \
         package generate compare bench-merge bench-train bench-serve test-serve eval data \
-        clean-vendor test-without-llama-cpp test-llama-cpp FORCE run-install-python-dependencies run-download-llamafile run-clone-repositories \
+        clean-vendor quick-check test-without-llama-cpp test-llama-cpp FORCE run-install-python-dependencies run-download-llamafile run-clone-repositories \
         run-merge-models run-quantize-llama-model
 
 all: install check vendor llamafile base merge quantize serve-bg ## the whole pipeline: install, check inputs, build, merge, quantize, serve in the background; stage times at the end
@@ -132,7 +134,7 @@ install: $(STAMP) ## create .venv and install requirements.local.txt (torch pinn
 run-install-python-dependencies: install ## alias of install (seed name)
 
 # torch first and pinned: an unpinned torch (or one pulled in by another package) is a multi-GB CUDA build
-$(STAMP): requirements.local.txt
+$(STAMP): requirements.local.txt | $(AFTER_QUICK_CHECK)
 	$(call stage-start,install,Python packages into $(VENV) (torch first))
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q "$(TORCH_SPEC)"
@@ -154,13 +156,15 @@ write-if-changed = @mkdir -p $(@D); echo '$(1)' | cmp -s - $@ || echo '$(1)' > $
 # first in `make`, and before the demo training and the merge, which are order-only on it)
 check: | $(STAMP) ## check QUANT, BASE_MODEL, CHECKPOINT, the adapter's config, its fit to the base and the tokenizer files
 	@$(PY) scripts/check_inputs.py --quant "$(QUANT)" --base-model "$(BASE_MODEL)" $(MERGE_ARGS)
+quick-check:
+	@$(PYTHON) scripts/check_inputs.py --quick --quant "$(QUANT)" --base-model "$(BASE_MODEL)" $(MERGE_ARGS)
 
 # ---- vendor tools ----
 vendor: $(LLAMA_BIN)/llama-server ## fetch llama.cpp at LLAMA_CPP_COMMIT, apply patches/llama.cpp, build server, quantize, perplexity, batched-bench; clone llamafile's source
 	@$(PYTHON) scripts/fetch_llamafile.py --version $(LLAMAFILE_VERSION) --sha256 "$(LLAMAFILE_SHA256)" --source-only
 run-clone-repositories: vendor ## alias of vendor (seed name)
 
-$(LLAMA_SRC): $(wildcard patches/llama.cpp/*.patch)
+$(LLAMA_SRC): $(wildcard patches/llama.cpp/*.patch) | $(AFTER_QUICK_CHECK)
 	$(call stage-start,llama.cpp-source,llama.cpp $(LLAMA_CPP_COMMIT) with patches/llama.cpp)
 	$(PYTHON) scripts/vendor_llama_cpp.py fetch --commit $(LLAMA_CPP_COMMIT) --repo $(LLAMA_CPP_REPO) --log $(OUT)/logs/llama.cpp.log
 	$(call stage-end,llama.cpp-source)
@@ -168,7 +172,7 @@ $(LLAMA_SRC): $(wildcard patches/llama.cpp/*.patch)
 # Built again when the source, the build script (its flags) or LLAMA_BACKEND change; the script reuses a cached
 # build whose key (commit, patch set, backend, flags) is unchanged, so that takes a second. touch: the reused
 # binary is older than what changed.
-$(LLAMA_BIN)/llama-server: $(LLAMA_SRC) scripts/vendor_llama_cpp.py vendor/.llama-build-inputs | $(AFTER_CHECK)
+$(LLAMA_BIN)/llama-server: $(LLAMA_SRC) scripts/vendor_llama_cpp.py vendor/.llama-build-inputs | $(AFTER_QUICK_CHECK)
 	$(call stage-start,llama.cpp-build,llama-server and tools (a cached build is reused))
 	$(PYTHON) scripts/vendor_llama_cpp.py build --backend $(LLAMA_BACKEND) --log $(OUT)/logs/llama.cpp.log
 	$(call stage-end,llama.cpp-build)

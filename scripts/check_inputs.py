@@ -4,6 +4,10 @@ adapter, merging): QUANT, BASE_MODEL, the checkpoint that CHECKPOINTS_DIR / CHEC
 adapter_config.json, the adapter's fit to the base (once the base is a folder on disk: the shapes are read from
 the files' headers, no weights), the tokenizer files the merged model will take, and the base the adapter
 records (a warning when it names another model). The first problem ends it with one line.
+
+--quick checks only what needs no installed package (QUANT, BASE_MODEL, which checkpoint, its
+adapter_config.json): `make` runs it first, with the system Python, so a mistake there stops it in a second,
+before the install and the llama.cpp build start.
 """
 from __future__ import annotations
 
@@ -35,14 +39,13 @@ def main() -> None:
     p.add_argument("--base-model", required=True, help="BASE_MODEL: smollm2, a folder or a hub id")
     p.add_argument("--base", required=True, type=Path, help="the base model folder make uses (may not exist yet)")
     add_checkpoint_args(p, Path("quantization/checkpoints"))
+    p.add_argument("--quick", action="store_true", help="only what needs no installed package (no fit, no tokenizer)")
     args = p.parse_args()
 
     from lib.checkpoints import candidates, read_adapter_config, select_checkpoint
-    from lib.quants import quant_key
-    from lib.merge import (check_adapter_config, check_tokenizer, parse_adapter, plan_merge, recorded_base_differs,
-                            tokenizer_source)
     from lib.common import check_base_model
-    from lib.tensor_io import CheckpointReader
+    from lib.merge import check_adapter_config
+    from lib.quants import quant_key
 
     quant = quant_key(args.quant)
     check_base_model(args.base_model)
@@ -56,6 +59,13 @@ def main() -> None:
     if ckpt is not None:
         cfg = read_adapter_config(ckpt)
         check_adapter_config(cfg)
+    if args.quick:
+        return
+    # the fit and the tokenizer files: torch, safetensors, sentencepiece and tokenizers from the venv
+    from lib.merge import check_tokenizer, parse_adapter, plan_merge, recorded_base_differs, tokenizer_source
+    from lib.tensor_io import CheckpointReader
+
+    if ckpt is not None:
         if base is not None:
             pairs, replace = parse_adapter(adapter_shapes(ckpt), cfg)
             base_cfg = json.loads((base / "config.json").read_text())
