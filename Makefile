@@ -63,6 +63,9 @@ HELP_VARS := BASE_MODEL CHECKPOINTS_DIR CHECKPOINT DATASET GUTENBERG_TXT QUANT M
 ifeq ($(filter-out all test,$(MAKECMDGOALS)),)
   MAKEFLAGS += --jobs=$(PIPELINE_JOBS)
 endif
+ifeq ($(MAKECMDGOALS),test)
+  MAKEFLAGS += --output-sync=line
+endif
 ifeq ($(filter-out all,$(MAKECMDGOALS)),)
   AFTER_QUICK_CHECK := quick-check
   AFTER_CHECK := check
@@ -295,13 +298,14 @@ eval: $(BASE_DIR)/config.json $(CHECKPOINT_FILES) | $(LLAMA_BIN)/llama-server $(
 	$(PY) scripts/eval_quality.py $(MERGE_ARGS) --dataset $(DATASET) --out $(OUT)/eval --llama-cpp $(LLAMA_CPP) $(EVAL_ARGS)
 
 # ---- checks and housekeeping ----
-# Two pytest runs: the tests that need no llama.cpp build (some need its source) go while it builds (make test
-# runs jobs side by side), the rest (marked llama_cpp in tests/) once it is there.
-test: test-llama-cpp ## run the test suite (tests/): what needs no llama.cpp build runs while it builds
+# Two pytest runs side by side (each in its own temporary folder; make prints their output line by line): the
+# tests that need no llama.cpp build (some need its source) start while it builds, the rest (marked llama_cpp in
+# tests/) once it is there.
+test: test-without-llama-cpp test-llama-cpp ## run the test suite (tests/): what needs no llama.cpp build runs while it builds
 test-without-llama-cpp: $(STAMP) $(LLAMA_SRC)
-	$(PY) -m pytest tests -m "not llama_cpp" $(PYTEST_ARGS)
-test-llama-cpp: $(STAMP) $(LLAMA_BIN)/llama-server | test-without-llama-cpp
-	$(PY) -m pytest tests -m llama_cpp $(PYTEST_ARGS)
+	$(PY) -m pytest tests -m "not llama_cpp" --basetemp=$(OUT)/pytest/without-llama-cpp $(PYTEST_ARGS)
+test-llama-cpp: $(STAMP) $(LLAMA_BIN)/llama-server
+	$(PY) -m pytest tests -m llama_cpp --basetemp=$(OUT)/pytest/llama-cpp $(PYTEST_ARGS)
 
 test-serve: $(GGUF) | $(LLAMA_BIN)/llama-server $(STAMP) ## load and fault suite against the GGUF: 32 concurrent clients, bad requests, disconnects, restarts (loopback)
 	LORA_SHIP_GGUF=$(GGUF) $(PY) -m pytest tests/test_serve_faults.py $(PYTEST_ARGS)
