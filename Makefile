@@ -155,8 +155,9 @@ $(STAMP): requirements.local.txt | $(AFTER_QUICK_CHECK)
 write-if-changed = @mkdir -p $(@D); echo '$(1)' | cmp -s - $@ || echo '$(1)' > $@
 
 # ---- inputs ----
-# QUANT, BASE_MODEL, the checkpoint and its fit to the base, checked in seconds before the long steps (it runs
-# first in `make`, and before the demo training and the merge, which are order-only on it)
+# QUANT, BASE_MODEL, the checkpoint and its fit to the base, checked in seconds before the long steps: in `make`
+# once the venv is in (the quick part, which needs none, ran first); the base, the demo training and the merge wait
+# for it
 check: | $(STAMP) ## check QUANT, BASE_MODEL, CHECKPOINT, the adapter's config, its fit to the base and the tokenizer files
 	@$(PY) scripts/check_inputs.py --quant "$(QUANT)" --base-model "$(BASE_MODEL)" $(MERGE_ARGS)
 quick-check:
