@@ -304,8 +304,10 @@ eval: $(BASE_DIR)/config.json $(CHECKPOINT_FILES) | $(LLAMA_BIN)/llama-server $(
 # tests/) once it is there.
 test: test-without-llama-cpp test-llama-cpp ## run the test suite (tests/): what needs no llama.cpp build runs while it builds
 test-without-llama-cpp: $(STAMP) $(LLAMA_SRC)
+	@mkdir -p $(OUT)/pytest
 	$(PY) -m pytest tests -m "not llama_cpp" --basetemp=$(OUT)/pytest/without-llama-cpp $(PYTEST_ARGS)
 test-llama-cpp: $(STAMP) $(LLAMA_BIN)/llama-server
+	@mkdir -p $(OUT)/pytest
 	$(PY) -m pytest tests -m llama_cpp --basetemp=$(OUT)/pytest/llama-cpp $(PYTEST_ARGS)
 
 test-serve: $(GGUF) | $(LLAMA_BIN)/llama-server $(STAMP) ## load and fault suite against the GGUF: 32 concurrent clients, bad requests, disconnects, restarts (loopback)
