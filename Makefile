@@ -94,6 +94,8 @@ LLAMAFILE := vendor/llamafile/bin/llamafile
 MERGED    := $(OUT)/merged
 GGUF      := $(OUT)/model.$(QUANT).gguf
 PID_FILE  := $(OUT)/server.pid
+ADAPTERS_DIR := $(OUT)/adapters
+BASE_GGUF := $(OUT)/base.$(QUANT).gguf
 DEMO_CKPT := $(OUT)/demo-checkpoint
 
 ifeq ($(BASE_MODEL),smollm2)
@@ -117,7 +119,7 @@ endif
 MERGE_INPUTS := $(BASE_DIR) $(CHECKPOINT) $(MERGE_METHOD) $(sort $(USER_CHECKPOINTS)) $(FALLBACK_ARG)
 
 .PHONY: all help install check vendor llamafile base merge quantize serve serve-bg stop chat train test clean \
-        package generate compare bench-merge bench-train bench-serve test-serve eval data \
+        package generate compare bench-merge bench-train bench-serve test-serve eval data adapters serve-adapters \
         clean-vendor quick-check test-without-llama-cpp test-llama-cpp FORCE run-install-python-dependencies run-download-llamafile run-clone-repositories \
         run-merge-models run-quantize-llama-model
 
@@ -257,8 +259,9 @@ run-quantize-llama-model: quantize ## alias of quantize (seed name)
 # how the engine runs (shared with bench-serve, which starts its own server); then where this one listens
 ENGINE_ARGS = --engine $(ENGINE) --gpu-layers $(GPU_LAYERS) --ctx-size $(CTX_SIZE) --parallel $(PARALLEL) \
   --backend-sampling $(BACKEND_SAMPLING) --cache-ram $(CACHE_RAM) --llamafile $(LLAMAFILE) --llama-server $(LLAMA_BIN)/llama-server $(if $(SERVER_ARGS),--extra-args='$(SERVER_ARGS)')
-SERVE_ARGS = --model $(GGUF) --host $(HOST) --port $(PORT) --pid-file $(PID_FILE) --log $(OUT)/logs/server.log \
+LISTEN_ARGS = --host $(HOST) --port $(PORT) --pid-file $(PID_FILE) --log $(OUT)/logs/server.log \
   $(if $(ALLOW_NO_KEY),--allow-no-key) $(ENGINE_ARGS)
+SERVE_ARGS = --model $(GGUF) $(LISTEN_ARGS)
 
 serve: $(GGUF) | $(LLAMA_BIN)/llama-server ## serve the GGUF on HOST:PORT in the foreground (Ctrl-C stops)
 	$(PYTHON) scripts/serve.py start $(SERVE_ARGS)
@@ -267,6 +270,22 @@ serve-bg: $(GGUF) | $(LLAMA_BIN)/llama-server ## serve in the background (pid in
 	$(call stage-start,serve,$(GGUF) on $(HOST):$(PORT) in the background)
 	$(PYTHON) scripts/serve.py start --background $(SERVE_ARGS)
 	$(call stage-end,serve)
+
+# ---- many fine-tunes, one base: adapters applied unmerged, chosen per request by name ----
+# The base's served name: its folder's (smollm2, or meta-llama--Llama-2-7b-hf for a hub id)
+BASE_NAME := $(notdir $(BASE_DIR))
+adapters: $(BASE_GGUF) $(CHECKPOINT_FILES) | $(LLAMA_SRC) $(STAMP) ## every checkpoint in CHECKPOINTS_DIR as out/adapters/NAME.gguf (applied unmerged; what cannot be is named), the base once as out/base.QUANT.gguf
+	$(PY) scripts/export_adapters.py --base $(BASE_DIR) --checkpoints-dir $(CHECKPOINTS_DIR) \
+	  $(if $(CHECKPOINT),--checkpoint "$(CHECKPOINT)") $(FALLBACK_ARG) --out-dir $(ADAPTERS_DIR) --base-name $(BASE_NAME) \
+	  --llama-cpp $(LLAMA_CPP) --log $(OUT)/logs/convert.log
+
+$(BASE_GGUF): $(BASE_DIR)/config.json | $(CONVERT_TOOLS) $(STAMP)
+	$(PY) scripts/convert_gguf.py --model $(BASE_DIR) --quant $(QUANT) --out $@ --llama-cpp $(LLAMA_CPP) \
+	  --log $(OUT)/logs/convert.log
+
+serve-adapters: adapters | $(LLAMA_BIN)/llama-server ## one server in the background: the base once, every adapter chosen by "model": NAME (the base by BASE_NAME); run again to load new ones; `make stop` ends it
+	$(PYTHON) scripts/serve.py start --background --model $(BASE_GGUF) --adapters $(ADAPTERS_DIR) --alias $(BASE_NAME) \
+	  $(LISTEN_ARGS)
 
 package: $(GGUF) | llamafile ## one self-contained executable: the llamafile binary + the GGUF + default args ($(OUT)/model.QUANT.llamafile; run it with --server)
 	$(PYTHON) scripts/package_llamafile.py --model $(GGUF) --out $(GGUF:.gguf=.llamafile) --llamafile $(LLAMAFILE) \

@@ -5,6 +5,10 @@ Both speak the same API: OpenAI-style /v1/chat/completions, llama.cpp's /complet
   serve.py start --model m.gguf            foreground; Ctrl-C stops it
   serve.py start --model m.gguf --background --pid-file out/server.pid
   serve.py stop --pid-file out/server.pid
+  serve.py start --model base.gguf --adapters out/adapters --background --pid-file out/server.pid
+      the base once with every out/adapters/NAME.gguf (llama-server only); a request chooses one by its
+      "model" (NAME; the base by --alias), GET /v1/models lists them. Run again after adding adapter files:
+      the running server loads the new ones, requests in flight go on.
 Binds 127.0.0.1 by default; any other address needs --api-key (or --allow-no-key, at your own risk),
 because the server would otherwise answer anyone who can reach the machine.
 """
@@ -53,7 +57,47 @@ def read_pid(pid_file: Path) -> dict | None:
 def write_pid(pid_file: Path, pid: int, args) -> None:
     pid_file.parent.mkdir(parents=True, exist_ok=True)
     pid_file.write_text(json.dumps({"pid": pid, "host": args.host, "port": args.port, "model": str(
-        Path(args.model).resolve()), "model_mtime": Path(args.model).stat().st_mtime}) + "\n")
+        Path(args.model).resolve()), "model_mtime": Path(args.model).stat().st_mtime,
+        "adapters": adapters_key(args)}) + "\n")
+
+
+def adapters_key(args) -> str | None:
+    return str(Path(args.adapters).resolve()) if args.adapters else None
+
+
+def adapter_files(folder: Path) -> list[Path]:
+    """The adapters to serve: folder/*.gguf, by name."""
+    if not folder.is_dir():
+        raise UserError(f"adapter folder {folder} does not exist (run 'make adapters')")
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise UserError(f"no adapter files (*.gguf) in {folder} (run 'make adapters')")
+    return files
+
+
+def load_new_adapters(url: str, folder: Path, api_key: str | None) -> list[str]:
+    """Have the running server load the adapter files it does not serve yet; their names."""
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+
+    def call(path: str, body: dict | None = None) -> dict:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(url + path, data=data, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=600) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            detail = json.loads(e.read() or b"{}").get("error", {}).get("message", "")
+            raise UserError(f"the running server refused {path}: {e.code} {detail}") from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+            raise UserError(f"cannot reach the running server at {url} ({e})") from None
+
+    served = {m["id"] for m in call("/v1/models").get("data", [])}
+    added = []
+    for f in adapter_files(folder):
+        if f.stem not in served:
+            call("/lora-adapters/load", {"path": str(f.resolve())})
+            added.append(f.stem)
+    return added
 
 
 def pick_engine(engine: str, llamafile: Path, llama_server: Path) -> tuple[str, Path]:
@@ -72,6 +116,10 @@ def server_command(args, engine: str, binary: Path) -> list[str]:
     if engine == "llamafile":
         cmd += ["--server", "--nobrowser"]
     cmd += ["-m", str(args.model), "--host", args.host, "--port", str(args.port), "--alias", args.alias]
+    if args.adapters:  # loaded, but each applied only to the requests that name it (patches/llama.cpp/0009)
+        for f in adapter_files(Path(args.adapters)):
+            cmd += ["--lora", str(f.resolve())]
+        cmd += ["--lora-init-without-apply"]
     gpu_layers = args.gpu_layers
     if gpu_layers == "auto":
         cuda_build = engine == "llamafile" or has_cuda_backend(binary.parent)
@@ -105,6 +153,11 @@ def server_command(args, engine: str, binary: Path) -> list[str]:
         raise UserError(f"--cache-ram takes MiB (a whole number, -1 for no limit) or auto, not {cache_ram!r}")
     if cache_ram == "auto":
         cache_ram = "0" if on_gpu_server else ""
+    if args.adapters and cache_ram != "0":
+        # its cached prompts do not record which adapter computed them: one could be restored for another
+        if args.cache_ram not in ("auto", ""):
+            raise UserError("--cache-ram cannot be used with --adapters (the prompt cache does not know adapters)")
+        cache_ram = "0"
     if cache_ram:
         cmd += ["--cache-ram", cache_ram]
     if args.api_key:
@@ -155,9 +208,18 @@ def start(args) -> None:
     if args.host not in LOOPBACK and not args.api_key and not args.allow_no_key:
         raise UserError(f"refusing to bind {args.host} without an API key: set API_KEY=... "
                         f"(or ALLOW_NO_KEY=1 to serve without one)")
+    if args.adapters and args.engine == "llamafile":
+        raise UserError("serving adapters by name needs llama-server (ENGINE=llama-server or auto)")
     if args.pid_file and (running := read_pid(args.pid_file)):
         same = (running["model"] == str(Path(args.model).resolve()) and running["port"] == args.port
-                and running["host"] == args.host and running["model_mtime"] == Path(args.model).stat().st_mtime)
+                and running["host"] == args.host and running["model_mtime"] == Path(args.model).stat().st_mtime
+                and running.get("adapters") == adapters_key(args))
+        if same and args.adapters:
+            host = f"[{args.host}]" if ":" in args.host else args.host
+            added = load_new_adapters(f"http://{host}:{args.port}", Path(args.adapters), args.api_key)
+            log(f"already serving {args.model} on {args.host}:{args.port} (pid {running['pid']})"
+                + (f"; loaded {', '.join(added)}" if added else "; no new adapters"))
+            return
         if same and args.background:
             log(f"already serving {args.model} on {args.host}:{args.port} (pid {running['pid']})")
             return
@@ -167,7 +229,7 @@ def start(args) -> None:
         stop(args)
     if port_in_use(args.host, args.port):
         raise UserError(f"port {args.port} on {args.host} is already in use; stop what uses it or choose PORT=...")
-    engine, binary = pick_engine(args.engine, args.llamafile, args.llama_server)
+    engine, binary = pick_engine("llama-server" if args.adapters else args.engine, args.llamafile, args.llama_server)
     cmd = server_command(args, engine, binary)
     args.log.parent.mkdir(parents=True, exist_ok=True)
     log(f"starting {engine} on {args.host}:{args.port} (log: {args.log})")
@@ -248,6 +310,8 @@ def main() -> None:
                    help="MiB of host RAM for llama-server's prompt cache (auto: 0 when the model is on a GPU, "
                         "else the engine's default)")
     p.add_argument("--alias", default="lora-ship", help="model name reported by the API")
+    p.add_argument("--adapters", type=Path, default=None,
+                   help="folder of GGUF LoRA adapters to serve beside the base, chosen per request by name")
     p.add_argument("--api-key", default=os.environ.get("API_KEY") or None)
     p.add_argument("--allow-no-key", action="store_true", help="allow a non-loopback host without an API key")
     p.add_argument("--timeout", type=float, default=120, help="seconds to wait for /health")
