@@ -1,0 +1,263 @@
+"""Many fine-tunes, one base: adapters exported for llama.cpp (export_adapters.py) and served unmerged, each chosen
+per request by name (serve.py --adapters, patches/llama.cpp/0009), against the merged GGUF of the same adapter."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import needs_llama_cpp, needs_llama_source
+from helpers import (LLAMA_CPP, LLAMA_SERVER, ROOT, error_line, free_port, http_json, make_adapter,
+                     make_tiny_llama, run_script, running_server)
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PROMPT = list(range(200, 232))  # token ids: the same prompt for every server
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """(folder, model): a tiny Llama with the real Llama 2 tokenizer and room for long requests."""
+    folder = tmp_path_factory.mktemp("base")
+    model, _ = make_tiny_llama(folder, "spm", seed=3)
+    model.config.max_position_embeddings = 8192  # room for a request that is still generating a while later
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder, model
+
+
+@pytest.fixture(scope="module")
+def base_gguf(base, tmp_path_factory):
+    """type -> the base as a GGUF: f16 as served, f32 where a test compares tokens (its rounding is far below the
+    tiny model's near-ties)."""
+    out = tmp_path_factory.mktemp("base-gguf")
+    for outtype in ("f16", "f32"):
+        run_script("convert_gguf.py", "--model", base[0], "--quant", outtype, "--out", out / f"base.{outtype}.gguf",
+                   "--log", out / "c.log")
+    return {t: out / f"base.{t}.gguf" for t in ("f16", "f32")}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(base, tmp_path_factory):
+    """Adapters made by PEFT on the tiny base: two that llama.cpp can apply unmerged (plain q/v; all-linear with
+    rsLoRA and rank and alpha patterns, so the scale differs per module) and three it cannot."""
+    folder = tmp_path_factory.mktemp("checkpoints")
+    _, model = base
+    make_adapter(model, folder / "alpha", seed=1)
+    make_adapter(model, folder / "beta", seed=2, r=8, lora_alpha=16, use_rslora=True, target_modules=ALL_LINEAR,
+                 rank_pattern={"down_proj": 2}, alpha_pattern={"o_proj": 3})
+    make_adapter(model, folder / "dora", seed=3, use_dora=True)
+    make_adapter(model, folder / "head", seed=4, modules_to_save=["lm_head"])
+    make_adapter(model, folder / "embedding", seed=5, target_modules=["embed_tokens", "q_proj"])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def exported(base, checkpoints, tmp_path_factory):
+    """(type -> folder of the exported adapters, the f16 export's process)."""
+    out = tmp_path_factory.mktemp("adapters")
+    procs = {t: run_script("export_adapters.py", "--base", base[0], "--checkpoints-dir", checkpoints, "--out-dir",
+                           out / t, "--outtype", t, "--log", out / "convert.log") for t in ("f16", "f32")}
+    return {t: out / t for t in procs}, procs["f16"]
+
+
+@needs_llama_source
+def test_export_writes_what_llama_cpp_can_apply_and_names_the_rest(exported):
+    folders, proc = exported
+    out = folders["f16"]
+    assert sorted(p.name for p in out.iterdir()) == ["alpha.gguf", "beta.gguf"]
+    reasons = {line.split(":")[0]: line for line in proc.stderr.splitlines() if ": skipped: " in line}
+    assert sorted(reasons) == ["dora", "embedding", "head"], proc.stderr
+    assert "DoRA" in reasons["dora"] and "modules_to_save" in reasons["head"] and "embedding" in reasons["embedding"]
+    assert all("make CHECKPOINT=" in line for line in reasons.values())
+
+    import sys
+    sys.path.insert(0, str(LLAMA_CPP / "gguf-py"))
+    import gguf
+    reader = gguf.GGUFReader(out / "beta.gguf")
+    fields = {f.name: f for f in reader.fields.values()}
+    assert bytes(fields["general.type"].parts[-1]).decode() == "adapter"
+    assert float(fields["adapter.lora.alpha"].parts[-1][0]) == 0.0  # the scale is in B
+    names = {t.name for t in reader.tensors}
+    assert len(names) == 2 * 7 * 2  # A and B of 7 modules in each of 2 layers
+    assert {"blk.0.attn_q.weight.lora_a", "blk.1.ffn_down.weight.lora_b"} <= names
+
+
+@needs_llama_source
+def test_export_again_keeps_fresh_files_and_drops_those_of_removed_checkpoints(base, checkpoints, tmp_path):
+    ckpts = tmp_path / "ckpts"
+    for name in ("alpha", "beta"):
+        shutil.copytree(checkpoints / name, ckpts / name)
+    out = tmp_path / "adapters"
+    args = ("--base", base[0], "--checkpoints-dir", ckpts, "--out-dir", out, "--log", tmp_path / "convert.log")
+    run_script("export_adapters.py", *args)
+    first = (out / "alpha.gguf").stat().st_mtime_ns
+    shutil.rmtree(ckpts / "beta")
+    proc = run_script("export_adapters.py", *args)
+    assert "alpha: up to date" in proc.stdout and (out / "alpha.gguf").stat().st_mtime_ns == first
+    assert not (out / "beta.gguf").exists() and "beta: its checkpoint is gone" in proc.stdout
+
+
+@needs_llama_source
+def test_export_of_nothing_servable_is_one_error(base, checkpoints, tmp_path):
+    ckpts = tmp_path / "ckpts"
+    shutil.copytree(checkpoints / "dora", ckpts / "dora")
+    proc = run_script("export_adapters.py", "--base", base[0], "--checkpoints-dir", ckpts, "--out-dir",
+                      tmp_path / "adapters", check=False)
+    assert proc.returncode == 1
+    assert error_line(proc) == ("export_adapters.py: error: none of the 1 checkpoint(s) can be served unmerged "
+                                "(reasons above)")
+    assert not list((tmp_path / "adapters").glob("*"))
+
+
+def complete(url: str, model: str, n: int = 24, **extra) -> dict:
+    _, out = http_json(url + "/completion", {"model": model, "prompt": PROMPT, "n_predict": n, "temperature": 0,
+                                             "cache_prompt": False, "ignore_eos": True, **extra})
+    return out
+
+
+def greedy(url: str, model: str, n: int = 24) -> list[dict]:
+    """The greedy continuation of PROMPT, each step with its two most likely tokens."""
+    return complete(url, model, n, n_probs=2)["completion_probabilities"]
+
+
+def assert_same_greedy(got: list[dict], want: list[dict], what: str, tol: float = 1e-3) -> None:
+    """Two greedy continuations are the same model's: the same tokens at log-probabilities within tol, up to the
+    end or up to a near-tie (top two within tol in `want`), after which the paths may part legitimately (a random
+    tiny model has many; another adapter, or none, moves a log-probability by far more)."""
+    for i, (g, w) in enumerate(zip(got, want)):
+        top = w["top_logprobs"]
+        if g["id"] != w["id"]:
+            assert top[0]["logprob"] - top[1]["logprob"] < tol, f"{what}: token {i} differs with no near-tie"
+            return
+        assert abs(g["logprob"] - w["logprob"]) < tol, f"{what}: token {i}: {g['logprob']} vs {w['logprob']}"
+    assert len(got) == len(want)
+
+
+@pytest.fixture(scope="module")
+def merged(base, checkpoints, tmp_path_factory):
+    """(name, type) -> the GGUF of the base merged with that adapter (merge_gguf.py, the default merge)."""
+    tmp = tmp_path_factory.mktemp("merged")
+    files = {}
+    for name in ("alpha", "beta"):
+        for outtype in ("f16", "f32"):
+            files[name, outtype] = tmp / f"{name}.{outtype}.gguf"
+            run_script("merge_gguf.py", "--base", base[0], "--checkpoints-dir", checkpoints, "--checkpoint", name,
+                       "--quant", outtype, "--out", files[name, outtype], "--log", tmp / "convert.log")
+    return files
+
+
+@needs_llama_cpp
+def test_each_adapter_served_by_name_as_its_merged_model(base_gguf, exported, merged, tmp_path):
+    adapters = exported[0]["f32"]
+    with running_server(base_gguf["f32"], tmp_path, extra=("--adapters", adapters, "--alias", "tiny")) as url:
+        _, models = http_json(url + "/v1/models")
+        assert [m["id"] for m in models["data"]] == ["tiny", "alpha", "beta"]
+        served = {name: greedy(url, name) for name in ("tiny", "alpha", "beta")}
+        _, chat = http_json(url + "/v1/chat/completions", {"model": "beta", "max_tokens": 4,
+                                                           "messages": [{"role": "user", "content": "Hello"}]})
+        assert chat["model"] == "beta"
+        with pytest.raises(urllib.error.HTTPError) as e:
+            http_json(url + "/v1/chat/completions", {"model": "gamma", "messages": [{"role": "user", "content": "Hi"}]})
+        assert e.value.code == 404
+        assert json.loads(e.value.read())["error"]["message"] == \
+            "model 'gamma' not found; this server has: tiny, alpha, beta"
+    with running_server(base_gguf["f32"], tmp_path) as url:
+        assert_same_greedy(served["tiny"], greedy(url, "anything"), "base")
+    for name in ("alpha", "beta"):
+        with running_server(merged[name, "f32"], tmp_path) as url:
+            assert_same_greedy(served[name], greedy(url, "anything"), name)
+    firsts = {name: [s["id"] for s in steps[:4]] for name, steps in served.items()}
+    assert len({tuple(t) for t in firsts.values()}) == 3, firsts  # each adapter changes the answer at once
+
+
+def kl_to_merged(base: Path, adapter: Path, merged_gguf: Path, tmp: Path) -> dict:
+    """llama-perplexity's KL divergence of base + adapter (unmerged) from the merged GGUF, over 4 x 64 positions."""
+    from eval_quality import parse_perplexity
+
+    text = tmp / "text.txt"
+    text.write_text((ROOT / "docs" / "guide.md").read_text()[:40000])
+    tool = LLAMA_SERVER.parent / "llama-perplexity"
+    common = ["-f", text, "-c", "128", "--chunks", "4", "-t", "2"]
+    kld = tmp / "merged.kld"
+    run = lambda *a: subprocess.run(list(map(str, [tool, *a, *common])), capture_output=True, text=True, check=True)  # noqa: E731
+    run("-m", merged_gguf, "--kl-divergence-base", kld)
+    out = run("-m", base, "--lora", adapter, "--kl-divergence-base", kld, "--kl-divergence")
+    return parse_perplexity(out.stdout + out.stderr)
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("name", ["alpha", "beta"])
+def test_unmerged_adapter_distributions_equal_the_merged_gguf(base_gguf, exported, merged, name, tmp_path):
+    """f16 base + f16 adapter against the merged f16 GGUF: full next-token distributions over 256 positions."""
+    result = kl_to_merged(base_gguf["f16"], exported[0]["f16"] / f"{name}.gguf", merged[name, "f16"], tmp_path)
+    assert result["kl"] <= 1e-4 and result["top1"] >= 0.98, result
+
+
+@needs_llama_cpp
+def test_two_adapters_at_once_each_get_their_own_tokens(base_gguf, exported, tmp_path):
+    adapters = exported[0]["f32"]
+    with running_server(base_gguf["f32"], tmp_path, extra=("--adapters", adapters, "--alias", "tiny")) as url:
+        alone = {name: greedy(url, name, 48) for name in ("tiny", "alpha", "beta")}
+        got, errors = {}, []
+
+        def ask(i: int, name: str) -> None:
+            try:
+                got[i] = (name, greedy(url, name, 48))
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(repr(e))
+
+        threads = [threading.Thread(target=ask, args=(i, name)) for i, name in enumerate(["alpha", "beta", "tiny"] * 3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors and len(got) == 9
+        for name, steps in got.values():
+            assert_same_greedy(steps, alone[name], name)
+
+
+@needs_llama_cpp
+def test_adapter_added_while_serving_goes_online_without_waiting_for_requests_in_flight(
+        base, base_gguf, checkpoints, tmp_path):
+    ckpts, adapters = tmp_path / "ckpts", tmp_path / "adapters"
+    shutil.copytree(checkpoints / "alpha", ckpts / "alpha")
+    export = ("--base", base[0], "--checkpoints-dir", ckpts, "--out-dir", adapters, "--log", tmp_path / "c.log")
+    run_script("export_adapters.py", *export)
+    port = free_port()
+    serve = ("--adapters", adapters, "--alias", "tiny", "--ctx-size", "8192")
+    with running_server(base_gguf["f16"], tmp_path, port=port, extra=serve) as url:
+        req = urllib.request.Request(url + "/completion", json.dumps({
+            "model": "alpha", "prompt": PROMPT, "n_predict": 4000, "ignore_eos": True, "stream": True}).encode(),
+            headers={"Content-Type": "application/json"})
+        chunks, started = [], threading.Event()
+
+        def read_stream() -> None:  # alpha, generating all along: every chunk with the time it came
+            with urllib.request.urlopen(req, timeout=600) as stream:
+                for line in stream:
+                    if line.startswith(b"data: {"):
+                        chunks.append((time.monotonic(), json.loads(line[6:])))
+                        started.set()
+
+        reader = threading.Thread(target=read_stream)
+        reader.start()
+        assert started.wait(60)
+        shutil.copytree(checkpoints / "beta", ckpts / "beta")
+        run_script("export_adapters.py", *export)
+        proc = run_script("serve.py", "start", "--background", "--model", base_gguf["f16"], "--port", port,
+                          "--pid-file", tmp_path / f"server-{port}.pid", "--engine", "llama-server", "--llama-server",
+                          LLAMA_SERVER, *serve)
+        assert "loaded beta" in proc.stdout
+        _, models = http_json(url + "/v1/models")
+        assert [m["id"] for m in models["data"]] == ["tiny", "alpha", "beta"]
+        assert len(greedy(url, "beta")) == 24
+        beta_done = time.monotonic()
+        reader.join()
+    last_time, last = chunks[-1]
+    assert last["stop"] and last["tokens_predicted"] == 4000 and "error" not in last
+    assert beta_done < last_time  # beta's prompt and tokens took turns with alpha's batch, not waited for its end
