@@ -48,12 +48,13 @@ SAVE_EVERY       ?= 10
 GENERATE_ARGS    ?=
 EVAL_ARGS        ?=
 BENCH_MODEL      ?= default
+BENCH_ADAPTERS   ?=
 PYTEST_ARGS      ?=
 PIPELINE_JOBS    ?= 3
 
 HELP_VARS := BASE_MODEL CHECKPOINTS_DIR CHECKPOINT DATASET GUTENBERG_TXT QUANT MERGE_METHOD HOST PORT API_KEY ALLOW_NO_KEY ENGINE \
   GPU_LAYERS CTX_SIZE PARALLEL BACKEND_SAMPLING CACHE_RAM SERVER_ARGS PROMPT OUT VENV TORCH_SPEC LLAMA_CPP_COMMIT LLAMA_CPP_REPO LLAMA_BACKEND \
-  LLAMAFILE_VERSION LLAMAFILE_SHA256 PIPELINE_JOBS DEMO_STEPS TRAIN_STEPS RECIPE NPROC TRAIN_ARGS RUN_NAME EVAL_EVERY SAVE_EVERY LOAD MODEL GENERATE_ARGS EVAL_ARGS MODELS COMPARE_ARGS KEEP_MERGED BENCH_MODEL
+  LLAMAFILE_VERSION LLAMAFILE_SHA256 PIPELINE_JOBS DEMO_STEPS TRAIN_STEPS RECIPE NPROC TRAIN_ARGS RUN_NAME EVAL_EVERY SAVE_EVERY LOAD MODEL GENERATE_ARGS EVAL_ARGS MODELS COMPARE_ARGS KEEP_MERGED BENCH_MODEL BENCH_ADAPTERS
 
 # Plain `make` (and `make test`) runs independent stages at once: the llama.cpp build (which needs no Python
 # packages) goes on beside the install, the base model and the demo training, so the build is most of the wait.
@@ -308,8 +309,10 @@ COMPARE_ARGS ?= --greedy --max-new-tokens 64
 compare: | $(STAMP) ## the same PROMPT through each of MODELS (folders or .gguf, :nf4/:int8 for a load mode): load time, tokens/s, memory
 	$(PY) scripts/compare.py $(MODELS) --prompt "$$PROMPT" -- $(COMPARE_ARGS)
 
-bench-serve: $(GGUF) | $(LLAMA_BIN)/llama-server $(STAMP) ## served tokens/s, time to first token, errors at 1/8/32 clients vs the engine's own batched numbers (own server on port 8089)
-	$(PY) scripts/bench/serve.py --model $(GGUF) --llama-bin $(LLAMA_BIN) --serve-args "$(ENGINE_ARGS)"
+bench-serve: $(GGUF) $(if $(BENCH_ADAPTERS),adapters) | $(LLAMA_BIN)/llama-server $(STAMP) ## served tokens/s, time to first token, errors at 1/8/32 clients vs the engine's own batched numbers (own server on port 8089); BENCH_ADAPTERS=1: the merged model vs its adapter served unmerged, alone and among the others
+	$(PY) scripts/bench/serve.py --llama-bin $(LLAMA_BIN) --serve-args "$(ENGINE_ARGS)" \
+	  $(if $(BENCH_ADAPTERS),--model $(BASE_GGUF) --adapters $(ADAPTERS_DIR) --merged $(GGUF) \
+	    $(if $(CHECKPOINT),--first $(notdir $(CHECKPOINT))),--model $(GGUF))
 
 bench-merge: $(BASE_DIR)/config.json $(CHECKPOINT_FILES) | $(LLAMA_SRC) $(STAMP) ## time + peak RSS: the seed's PEFT merge + convert vs ours; BENCH_MODEL=8b-random for a random 8B
 	$(PY) scripts/bench/merge.py $(MERGE_ARGS) --model $(BENCH_MODEL) --quant $(QUANT) --workdir $(OUT)/bench-merge

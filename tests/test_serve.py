@@ -68,7 +68,7 @@ def gpu_defaults(monkeypatch, gpu: bool, engine: str = "llama-server", **overrid
     monkeypatch.setattr(serve, "has_cuda_backend", lambda _: gpu)
     args = argparse.Namespace(model="m.gguf", host="127.0.0.1", port=8080, alias="lora-ship", gpu_layers="auto",
                               ctx_size=0, parallel="auto", backend_sampling="auto", cache_ram="auto",
-                              api_key=None, extra_args="")
+                              api_key=None, extra_args="", adapters=None)
     vars(args).update(overrides)
     return serve.server_command(args, engine, LLAMA_SERVER)
 
@@ -91,6 +91,23 @@ def test_gpu_defaults_and_overrides(monkeypatch):
         gpu_defaults(monkeypatch, True, engine="llamafile", backend_sampling="on")
     with pytest.raises(UserError, match="--cache-ram takes MiB"):
         gpu_defaults(monkeypatch, True, cache_ram="lots")
+
+
+def test_adapters_are_loaded_off_and_the_prompt_cache_is_off_with_them(monkeypatch, tmp_path):
+    for name in ("b", "a"):
+        (tmp_path / f"{name}.gguf").write_bytes(b"GGUF")
+    cmd = gpu_defaults(monkeypatch, False, adapters=tmp_path)
+    loras = [cmd[i + 1] for i, flag in enumerate(cmd) if flag == "--lora"]
+    assert loras == [str(tmp_path / "a.gguf"), str(tmp_path / "b.gguf")]
+    # each applies only to the requests that name it; a cached prompt does not say which adapter computed it
+    assert "--lora-init-without-apply" in cmd and cmd[cmd.index("--cache-ram") + 1] == "0"
+    with pytest.raises(UserError, match="--cache-ram cannot be used with --adapters"):
+        gpu_defaults(monkeypatch, True, adapters=tmp_path, cache_ram="4096")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no adapter files"):
+        gpu_defaults(monkeypatch, True, adapters=tmp_path / "empty")
+    with pytest.raises(UserError, match="adapter folder .* does not exist"):
+        gpu_defaults(monkeypatch, True, adapters=tmp_path / "missing")
 
 
 def test_bench_serve_runs_the_engine_with_the_servers_batch_sizes():

@@ -15,6 +15,11 @@ engine: llama.cpp's llama-batched-bench on the same GGUF with the server's GPU l
         The served/engine ratio is taken against the end-to-end rate.
 The benchmark starts its own server with serve.py's defaults (plus --serve-args) on a loopback port, and
 stops it before the engine runs (the server sizes its KV cache to the free GPU memory).
+
+adapters (--adapters DIR --merged GGUF, --model being the base): one-shot levels on three servers in turn: the
+        merged model of the first adapter; the base with every adapter in DIR, all clients asking the first
+        one; the same server with client c asking adapter c mod N (N adapters in each batch). Each is printed
+        as a share of the merged model's rate, and the engine runs on the merged GGUF.
 """
 from __future__ import annotations
 
@@ -69,10 +74,10 @@ def prompt_ids(url: str, i: int, args) -> list[int]:
     return ids[:args.prompt_tokens]
 
 
-def one_request(url: str, prompt: list[int], args, stream: bool) -> dict:
-    """{tokens, seconds, ttft} of one /completion request, or {error}."""
+def one_request(url: str, prompt: list[int], args, stream: bool, model: str | None = None) -> dict:
+    """{tokens, seconds, ttft} of one /completion request (to `model`, an adapter's name), or {error}."""
     body = {"prompt": prompt, "n_predict": args.max_tokens, "ignore_eos": True, "stream": stream,
-            "cache_prompt": False}
+            "cache_prompt": False, **({"model": model} if model else {})}
     start = time.perf_counter()
     try:
         with post(url + "/completion", body, args.api_key, args.timeout) as r:
@@ -95,8 +100,10 @@ def one_request(url: str, prompt: list[int], args, stream: bool) -> dict:
         return {"error": str(getattr(e, "reason", e))}
 
 
-def drive(url: str, clients: int, args, stream: bool, requests: int | None = None, first_id: int = 0) -> dict:
-    """clients threads, each sending requests (default --requests) requests one after the other."""
+def drive(url: str, clients: int, args, stream: bool, requests: int | None = None, first_id: int = 0,
+          models: list[str] | None = None) -> dict:
+    """clients threads, each sending requests (default --requests) requests one after the other (client c to
+    models[c % len(models)] when given)."""
     results: list[dict] = []
     lock = threading.Lock()
     n = requests or args.requests
@@ -106,7 +113,7 @@ def drive(url: str, clients: int, args, stream: bool, requests: int | None = Non
 
     def client(c: int) -> None:
         for k in range(n):
-            r = one_request(url, prompts[c, k], args, stream)
+            r = one_request(url, prompts[c, k], args, stream, models[c % len(models)] if models else None)
             with lock:
                 results.append(r)
 
@@ -179,10 +186,11 @@ def engine_numbers(bench: Path, model: str, cmd: list[str], clients: list[int], 
     return numbers
 
 
-def start_server(args, work: Path) -> tuple[str, list[str]]:
+def start_server(args, work: Path, model: Path | None = None, adapters: Path | None = None) -> tuple[str, list[str]]:
     """Start serve.py in the background on the bench port; its URL and the engine command line it ran."""
-    cmd = [sys.executable, str(ROOT / "scripts" / "serve.py"), "start", "--background", "--model", str(args.model),
-           "--port", str(args.port), "--pid-file", str(work / "server.pid"), "--log", str(work / "server.log"),
+    cmd = [sys.executable, str(ROOT / "scripts" / "serve.py"), "start", "--background", "--model",
+           str(model or args.model), "--port", str(args.port), "--pid-file", str(work / "server.pid"), "--log",
+           str(work / "server.log"), *(["--adapters", str(adapters)] if adapters else []),
            *shlex.split(args.serve_args)]
     (work / "server.log").unlink(missing_ok=True)
     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -204,6 +212,10 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--timeout", type=float, default=600, help="seconds per request")
     p.add_argument("--no-engine", action="store_true", help="skip llama-batched-bench")
+    p.add_argument("--adapters", type=Path, default=None,
+                   help="folder of GGUF adapters: --model is then their base, served with them (see above)")
+    p.add_argument("--merged", type=Path, default=None, help="with --adapters: the merged GGUF of the first adapter")
+    p.add_argument("--first", default=None, help="with --adapters: the adapter --merged holds (default: the first by name)")
     args = p.parse_args()
     args.api_key = os.environ.get("API_KEY") or None  # serve.py gives the server the same key
     if not args.model.exists():
@@ -211,6 +223,8 @@ def main() -> None:
     clients = [int(c) for c in args.clients.split(",") if c]
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
+    if args.adapters:
+        return bench_adapters(args, clients, work)
     url, cmd = start_server(args, work)
     log(f"server: {' '.join(cmd[1:])}")
     served = []
@@ -250,6 +264,62 @@ def main() -> None:
                                        + "\n")
     if any(r["failed"] for r in served):
         raise UserError(f"{sum(r['failed'] for r in served)} request(s) failed")
+
+
+def served_levels(args, clients: list[int], work: Path, model: Path, adapters: Path | None,
+                  modes: dict[str, list[str] | None]) -> tuple[dict, list[str]]:
+    """One-shot levels on one server for each mode (name -> the adapter names clients ask, None for no name)."""
+    url, cmd = start_server(args, work, model, adapters)
+    log(f"server: {' '.join(cmd[1:])}")
+    out = {}
+    try:
+        for mode, models in modes.items():
+            drive(url, max(clients), args, stream=False, requests=1, first_id=500000, models=models)  # warm-up
+            for n in clients:
+                out[mode, n] = r = drive(url, n, args, stream=False, models=models)
+                log(f"{mode}: {n:>3} clients: {r['aggregate']:.1f} tokens/s, {r['failed']} failed")
+    finally:
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "serve.py"), "stop", "--pid-file",
+                        str(work / "server.pid")], capture_output=True)
+    return out, cmd
+
+
+def bench_adapters(args, clients: list[int], work: Path) -> None:
+    """The merged model against the same adapter served unmerged, alone and among others (see the docstring)."""
+    if not args.merged or not args.merged.exists():
+        raise UserError("--adapters needs --merged: the merged GGUF of the first adapter (make quantize)")
+    names = sorted(f.stem for f in args.adapters.glob("*.gguf"))
+    if not names:
+        raise UserError(f"no adapter files (*.gguf) in {args.adapters} (run 'make adapters')")
+    if args.first:
+        if args.first not in names:
+            raise UserError(f"--first {args.first}: no {args.first}.gguf in {args.adapters}")
+        names.remove(args.first)
+        names.insert(0, args.first)
+    mixed = f"{len(names)} adapters"
+    served, _ = served_levels(args, clients, work, args.merged, None, {"merged": None})
+    more, cmd = served_levels(args, clients, work, args.model, args.adapters,
+                              {"one adapter": names[:1], **({mixed: names} if len(names) > 1 else {})})
+    served.update(more)
+    engine = {} if args.no_engine else engine_numbers(args.llama_bin / "llama-batched-bench", str(args.merged),
+                                                      cmd, clients, args)
+    modes = ["merged", "one adapter"] + ([mixed] if len(names) > 1 else [])
+    print(f"\n{args.model.name} + {len(names)} adapter(s) ({names[0]} first) against {args.merged.name}: "
+          f"{args.prompt_tokens}-token prompts, {args.max_tokens} generated tokens each, {args.requests} one-shot "
+          f"request(s) per client; server flags: {' '.join(cmd[3:])}\n")
+    print("| clients | " + " | ".join(f"{m} tok/s" for m in modes) + " | failed | engine end-to-end tok/s (merged) |")
+    print("|---|" + "---|" * (len(modes) + 2))
+    for n in clients:
+        base = served["merged", n]["aggregate"]
+        cells = [f"{served[m, n]['aggregate']:.1f}" + (f" ({served[m, n]['aggregate'] / base:.0%})" if m != "merged"
+                                                         else "") for m in modes]
+        failed = sum(served[m, n]["failed"] for m in modes)
+        e = engine.get(n)
+        print(f"| {n} | " + " | ".join(cells) + f" | {failed} | " + (f"{e['end_to_end']:.1f}" if e else "-") + " |")
+    (work / "results-adapters.json").write_text(json.dumps(
+        {"served": {f"{m}@{n}": r for (m, n), r in served.items()}, "engine": engine, "server": cmd}, indent=2) + "\n")
+    if any(r["failed"] for r in served.values()):
+        raise UserError(f"{sum(r['failed'] for r in served.values())} request(s) failed")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Write a random-weight Llama-3.1-8B-shaped base (bf16 safetensors, sharded) and a seed-style LoRA adapter.
+"""Write a random-weight Llama-3.1-8B-shaped base (bf16 safetensors, sharded) and seed-style LoRA adapters.
 
 For benchmarks only (`make bench-merge BENCH_MODEL=8b-random`): the merge and the GGUF conversion cost the
 same for random weights as for real ones. Tensors are generated and written one at a time, so this needs
@@ -95,6 +95,8 @@ def main() -> None:
     p.add_argument("--out", required=True, type=Path, help="folder to create: base/ and adapter/ inside")
     p.add_argument("--tokenizer", required=True, type=Path, help="folder with a tokenizer to copy")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--adapters", type=int, default=0,
+                   help="also write this many adapters (other seeds) as adapters/adapter-0, adapter-1, ...")
     args = p.parse_args()
     if not (args.tokenizer / "tokenizer_config.json").exists():
         raise UserError(f"no tokenizer in {args.tokenizer}")
@@ -103,6 +105,10 @@ def main() -> None:
         write_base(args.out / "base", args.tokenizer, args.seed)
     write_adapter(args.out / "adapter", args.out / "base", args.seed)
     log(f"wrote {args.out / 'adapter'} (r=8, alpha 32, q_proj + v_proj)")
+    for i in range(args.adapters):  # for the adapters mode of bench/serve.py
+        write_adapter(args.out / "adapters" / f"adapter-{i}", args.out / "base", args.seed + 100 * (i + 1))
+    if args.adapters:
+        log(f"wrote {args.adapters} more in {args.out / 'adapters'}")
 
 
 if __name__ == "__main__":
