@@ -162,6 +162,30 @@ def test_make_merges_the_users_checkpoint(tiny_spm, tmp_path):
     assert proc.returncode == 0 and "second" in proc.stdout
 
 
+def test_make_serve_adapters_serves_each_checkpoint_by_name_and_adds_new_ones(tiny_spm, tmp_path):
+    base_dir, base_model, _ = tiny_spm
+    for i, name in enumerate(("first", "second")):
+        make_adapter(base_model, tmp_path / "ckpts" / name, seed=i + 1)
+    port = free_port()
+    args = [f"OUT={tmp_path}/out", f"BASE_MODEL={base_dir}", f"CHECKPOINTS_DIR={tmp_path}/ckpts", f"PORT={port}"]
+    try:
+        proc = make(*args, "serve-adapters")
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert sorted(p.name for p in (tmp_path / "out" / "adapters").iterdir()) == ["first.gguf", "second.gguf"]
+        url = f"http://127.0.0.1:{port}"
+        served = [m["id"] for m in http_json(url + "/v1/models")[1]["data"]]
+        assert served == [base_dir.name, "first", "second"]
+        _, reply = http_json(url + "/v1/chat/completions", {"model": "second", "max_tokens": 4,
+                                                            "messages": [{"role": "user", "content": "Hi"}]})
+        assert reply["model"] == "second"
+        make_adapter(base_model, tmp_path / "ckpts" / "third", seed=3)
+        proc = make(*args, "serve-adapters")
+        assert proc.returncode == 0 and "loaded third" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert [m["id"] for m in http_json(url + "/v1/models")[1]["data"]][-1] == "third"
+    finally:
+        make(*args, "stop")
+
+
 def test_vendor_build_failure_names_the_step_and_keeps_the_log(tmp_path):
     src = tmp_path / "llama.cpp"
     src.mkdir()
