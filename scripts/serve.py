@@ -86,8 +86,12 @@ def load_new_adapters(url: str, folder: Path, api_key: str | None) -> list[str]:
             with urllib.request.urlopen(req, timeout=600) as r:
                 return json.loads(r.read())
         except urllib.error.HTTPError as e:
-            detail = json.loads(e.read() or b"{}").get("error", {}).get("message", "")
-            raise UserError(f"the running server refused {path}: {e.code} {detail}") from None
+            body = e.read().decode(errors="replace")
+            try:
+                detail = json.loads(body).get("error", {}).get("message", body)
+            except (ValueError, AttributeError):
+                detail = body
+            raise UserError(f"the running server refused {path}: {e.code} {detail.strip()[:200]}") from None
         except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
             raise UserError(f"cannot reach the running server at {url} ({e})") from None
 
