@@ -104,7 +104,8 @@ def up_to_date(out: Path, ckpt: Path, base: Path) -> bool:
 
 
 def checkpoints(folder: Path, name: str | None, fallback: Path | None) -> dict[str, Path]:
-    """served name -> checkpoint folder (a Trainer output folder gives its latest checkpoint)."""
+    """served name -> checkpoint folder, as found (main() validates each: a Trainer output folder gives its
+    latest checkpoint)."""
     from lib.checkpoints import candidates, select_checkpoint, validate
 
     if name:
@@ -135,6 +136,8 @@ def main() -> int:
     p.add_argument("--log", type=Path, default=ROOT / "out" / "logs" / "convert.log", help="converter log")
     args = p.parse_args()
 
+    from lib.checkpoints import validate
+
     require_base(args.base)
     found = checkpoints(args.checkpoints_dir, args.checkpoint, args.fallback)
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -146,11 +149,12 @@ def main() -> int:
             print(f"{name}: skipped: the base is served under that name; rename the checkpoint folder",
                   file=sys.stderr)
             continue
-        if up_to_date(out, ckpt, args.base):
-            log(f"{name}: up to date ({out})")
-            done.append(name)
-            continue
         try:
+            ckpt = validate(ckpt)  # a Trainer output folder: its latest checkpoint-N (said on stderr)
+            if up_to_date(out, ckpt, args.base):
+                log(f"{name}: up to date ({out})")
+                done.append(name)
+                continue
             n = export(ckpt, args.base, out, args.outtype, args.llama_cpp, args.log)
         except UserError as e:
             out.unlink(missing_ok=True)  # an older export of a checkpoint that no longer converts is not served

@@ -104,6 +104,18 @@ def test_export_again_keeps_fresh_files_and_drops_those_of_removed_checkpoints(b
 
 
 @needs_llama_source
+def test_export_takes_a_trainer_folders_latest_checkpoint(base, checkpoints, tmp_path):
+    ckpts = tmp_path / "ckpts"
+    shutil.copytree(checkpoints / "alpha", ckpts / "run" / "checkpoint-5")
+    shutil.copytree(checkpoints / "beta", ckpts / "run" / "checkpoint-10")
+    proc = run_script("export_adapters.py", "--base", base[0], "--checkpoints-dir", ckpts, "--out-dir",
+                      tmp_path / "adapters", "--log", tmp_path / "convert.log")
+    assert "using the latest, checkpoint-10" in proc.stderr
+    assert "run: 14 LoRA modules" in proc.stdout  # beta's 7 modules in 2 layers, not alpha's 4
+    assert [p.name for p in (tmp_path / "adapters").iterdir()] == ["run.gguf"]
+
+
+@needs_llama_source
 def test_export_of_nothing_servable_is_one_error(base, checkpoints, tmp_path):
     ckpts = tmp_path / "ckpts"
     shutil.copytree(checkpoints / "dora", ckpts / "dora")
