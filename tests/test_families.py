@@ -1,5 +1,6 @@
 """Every family through every stage: a tiny random Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 and Phi-3 with a LoRA on all
 its linear layers, merged both ways into GGUF, against PEFT's own merge of the same adapter.
+The same adapter exported unmerged (make adapters) and applied by llama.cpp to the f32 base gives the same logits.
 
 - f32 GGUF logits (llama.cpp through llama-cpp-python, f32 KV cache) against PEFT's merged fp32 model on the
   same ids: relative error <= 1e-3 at every position, top-1 agreement >= 99%;
@@ -60,11 +61,13 @@ def made(family, what: str):
     return path
 
 
-def llama_cpp_logits(gguf, ids: list[int]) -> np.ndarray:
-    """Logits at every position, from llama.cpp's own library with an f32 KV cache (no f16 rounding)."""
+def llama_cpp_logits(gguf, ids: list[int], lora=None) -> np.ndarray:
+    """Logits at every position, from llama.cpp's own library with an f32 KV cache (no f16 rounding), with the
+    GGUF adapter `lora` applied unmerged if given."""
     os.environ.setdefault("LLAMA_CPP_LIB_PATH", str(LLAMA_SERVER.parent))
     from llama_cpp import Llama
-    llm = Llama(str(gguf), n_ctx=128, n_batch=128, logits_all=True, type_k=0, type_v=0, verbose=False)
+    llm = Llama(str(gguf), n_ctx=128, n_batch=128, logits_all=True, type_k=0, type_v=0, verbose=False,
+                lora_path=str(lora) if lora else None)
     try:
         llm.eval(ids)
         return np.array(llm.scores[:len(ids)], dtype=np.float64)
@@ -72,26 +75,52 @@ def llama_cpp_logits(gguf, ids: list[int]) -> np.ndarray:
         llm.close()
 
 
+def random_ids(tok) -> list[int]:
+    ids = torch.randint(0, len(tok), (96,), generator=torch.Generator().manual_seed(1)).tolist()
+    return [tok.bos_token_id, *ids] if tok.bos_token_id is not None else ids
+
+
+def assert_logits_close(ours: np.ndarray, ref: np.ndarray, what: str) -> None:
+    """Relative error <= 1e-3 at every position, top-1 agreement >= 99%."""
+    rel = np.linalg.norm(ours - ref, axis=1) / np.linalg.norm(ref, axis=1)
+    top1 = float(np.mean(ours.argmax(1) == ref.argmax(1)))
+    print(f"{what}: max relative error {rel.max():.2e}, top-1 agreement {top1:.3f} over {len(ref)} positions")
+    assert rel.max() <= 1e-3, rel.max()
+    assert top1 >= 0.99
+
+
 @needs_llama_cpp
 def test_f32_gguf_logits_equal_peft_merge(family):
     fam, tmp, base, tok, merged, ckpts = family
     gguf = made(family, "f32")
-    ids = torch.randint(0, len(tok), (96,), generator=torch.Generator().manual_seed(1)).tolist()
-    ids = [tok.bos_token_id, *ids] if tok.bos_token_id is not None else ids
+    ids = random_ids(tok)
     with torch.no_grad():
         ref = merged(torch.tensor([ids])).logits[0, :, :len(tok)].double().numpy()
     ours = llama_cpp_logits(gguf, ids)[:, :len(tok)]
-    rel = np.linalg.norm(ours - ref, axis=1) / np.linalg.norm(ref, axis=1)
-    top1 = float(np.mean(ours.argmax(1) == ref.argmax(1)))
-    print(f"{fam.name}: max relative error {rel.max():.2e}, top-1 agreement {top1:.3f} over {len(ids)} positions")
-    assert rel.max() <= 1e-3, rel.max()
-    assert top1 >= 0.99
+    assert_logits_close(ours, ref, fam.name)
     # and the adapter mattered: the base's logits are far from these
     from transformers import AutoModelForCausalLM
     base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation="eager")
     with torch.no_grad():
         plain = base_model(torch.tensor([ids])).logits[0, :, :len(tok)].double().numpy()
     assert (np.linalg.norm(plain - ref, axis=1) / np.linalg.norm(ref, axis=1)).min() > 1e-2
+
+
+@needs_llama_cpp
+def test_unmerged_adapter_logits_equal_peft_merge(family):
+    """make adapters on the family: the base as f32 GGUF plus the all-linear adapter exported unmerged
+    (export_adapters.py: the family's tensor names, Phi-3's fused qkv_proj and gate_up_proj) gives PEFT's
+    merged logits."""
+    fam, tmp, base, tok, merged, ckpts = family
+    base_gguf, adapters = tmp / "base.f32.gguf", tmp / "adapters"
+    run_script("convert_gguf.py", "--model", base, "--quant", "f32", "--out", base_gguf, "--log", tmp / "base.log")
+    run_script("export_adapters.py", "--base", base, "--checkpoints-dir", ckpts, "--out-dir", adapters,
+               "--outtype", "f32", "--log", tmp / "export.log")
+    ids = random_ids(tok)
+    with torch.no_grad():
+        ref = merged(torch.tensor([ids])).logits[0, :, :len(tok)].double().numpy()
+    assert_logits_close(llama_cpp_logits(base_gguf, ids, lora=adapters / "adapter.gguf")[:, :len(tok)], ref,
+                        f"{fam.name} unmerged")
 
 
 def test_two_step_and_q8_0(family):
