@@ -1,5 +1,6 @@
 """Many fine-tunes, one base: adapters exported for llama.cpp (export_adapters.py) and served unmerged, each chosen
-per request by name (serve.py --adapters, patches/llama.cpp/0009), against the merged GGUF of the same adapter."""
+per request by name (serve.py --adapters, patches/llama.cpp/0009), requests for different adapters decoded in
+the same batches (0011), against the merged GGUF of the same adapter."""
 from __future__ import annotations
 
 import json
@@ -15,7 +16,7 @@ import pytest
 
 from conftest import needs_llama_cpp, needs_llama_source
 from helpers import (LLAMA_CPP, LLAMA_SERVER, ROOT, error_line, free_port, http_json, make_adapter,
-                     make_tiny_llama, run_script, running_server)
+                     make_tiny_llama, run_script, running_server, server_log)
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROMPT = list(range(200, 232))  # token ids: the same prompt for every server
@@ -213,8 +214,11 @@ def test_unmerged_adapter_distributions_equal_the_merged_gguf(base_gguf, exporte
 
 @needs_llama_cpp
 def test_two_adapters_at_once_each_get_their_own_tokens(base_gguf, exported, tmp_path):
+    """Requests for alpha (r=4, q/v), beta (all-linear, mixed ranks) and the base at once share batches, each
+    token with its own adapter (0011's stacked adapters and per-token masks): each gets its tokens alone."""
     adapters = exported[0]["f32"]
     with running_server(base_gguf["f32"], tmp_path, extra=("--adapters", adapters, "--alias", "tiny")) as url:
+        assert "adapters per sequence in shared batches: on" in server_log(tmp_path, url)
         alone = {name: greedy(url, name, 48) for name in ("tiny", "alpha", "beta")}
         got, errors = {}, []
 
