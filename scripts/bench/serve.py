@@ -225,23 +225,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     if args.adapters:
         return bench_adapters(args, clients, work)
-    url, cmd = start_server(args, work)
-    log(f"server: {' '.join(cmd[1:])}")
-    served = []
-    try:
-        # Not counted: the first steps of a fresh server load GPU kernels and capture graphs for each new batch
-        # shape, which would otherwise land in whichever level runs first.
-        warm = drive(url, max(clients), args, stream=False, requests=1, first_id=500000)
-        log(f"warm-up: {warm['requests']} request(s) at {max(clients)} clients, {warm['failed']} failed")
-        for stream in (False, True):
-            for n in clients:
-                r = drive(url, n, args, stream)
-                served.append(r)
-                log(f"{n:>3} clients {'streaming' if stream else 'one-shot '}: {r['aggregate']:.1f} tokens/s, "
-                    f"{r['failed']} failed")
-    finally:
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "serve.py"), "stop", "--pid-file",
-                        str(work / "server.pid")], capture_output=True)
+    levels, cmd = served_levels(args, clients, work, args.model, None,
+                                {"one-shot": (None, False), "streaming": (None, True)})
+    served = list(levels.values())
     # the engine runs after the server has stopped: the server sizes its KV cache to the free memory
     engine = {} if args.no_engine else engine_numbers(args.llama_bin / "llama-batched-bench", str(args.model),
                                                       cmd, clients, args)
@@ -267,16 +253,21 @@ def main() -> None:
 
 
 def served_levels(args, clients: list[int], work: Path, model: Path, adapters: Path | None,
-                  modes: dict[str, list[str] | None]) -> tuple[dict, list[str]]:
-    """One-shot levels on one server for each mode (name -> the adapter names clients ask, None for no name)."""
+                  modes: dict[str, tuple[list[str] | None, bool]]) -> tuple[dict, list[str]]:
+    """The levels on one server for each mode: name -> (the adapter names clients ask, None for no name;
+    streaming or one-shot). {(mode, clients): drive()'s numbers}, and the server's command line."""
     url, cmd = start_server(args, work, model, adapters)
     log(f"server: {' '.join(cmd[1:])}")
-    out = {}
+    out, warmed = {}, set()
     try:
-        for mode, models in modes.items():
-            drive(url, max(clients), args, stream=False, requests=1, first_id=500000, models=models)  # warm-up
+        for mode, (models, stream) in modes.items():
+            # Not counted: the first steps of a fresh server (or of other adapters) load GPU kernels and capture
+            # graphs for each new batch shape, which would otherwise land in whichever level runs first.
+            if tuple(models or ()) not in warmed:
+                warmed.add(tuple(models or ()))
+                drive(url, max(clients), args, stream=False, requests=1, first_id=500000, models=models)
             for n in clients:
-                out[mode, n] = r = drive(url, n, args, stream=False, models=models)
+                out[mode, n] = r = drive(url, n, args, stream=stream, models=models)
                 log(f"{mode}: {n:>3} clients: {r['aggregate']:.1f} tokens/s, {r['failed']} failed")
     finally:
         subprocess.run([sys.executable, str(ROOT / "scripts" / "serve.py"), "stop", "--pid-file",
@@ -297,9 +288,9 @@ def bench_adapters(args, clients: list[int], work: Path) -> None:
         names.remove(args.first)
         names.insert(0, args.first)
     mixed = f"{len(names)} adapters"
-    served, _ = served_levels(args, clients, work, args.merged, None, {"merged": None})
+    served, _ = served_levels(args, clients, work, args.merged, None, {"merged": (None, False)})
     more, cmd = served_levels(args, clients, work, args.model, args.adapters,
-                              {"one adapter": names[:1], **({mixed: names} if len(names) > 1 else {})})
+                              {"one adapter": (names[:1], False), **({mixed: (names, False)} if len(names) > 1 else {})})
     served.update(more)
     engine = {} if args.no_engine else engine_numbers(args.llama_bin / "llama-batched-bench", str(args.merged),
                                                       cmd, clients, args)
