@@ -80,6 +80,12 @@ def random_ids(tok) -> list[int]:
     return [tok.bos_token_id, *ids] if tok.bos_token_id is not None else ids
 
 
+def hf_logits(model, ids: list[int], n_vocab: int) -> np.ndarray:
+    """A Transformers model's logits at every position, over the tokenizer's n_vocab tokens (float64)."""
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0, :, :n_vocab].double().numpy()
+
+
 def assert_logits_close(ours: np.ndarray, ref: np.ndarray, what: str) -> None:
     """Relative error <= 1e-3 at every position, top-1 agreement >= 99%."""
     rel = np.linalg.norm(ours - ref, axis=1) / np.linalg.norm(ref, axis=1)
@@ -94,15 +100,13 @@ def test_f32_gguf_logits_equal_peft_merge(family):
     fam, tmp, base, tok, merged, ckpts = family
     gguf = made(family, "f32")
     ids = random_ids(tok)
-    with torch.no_grad():
-        ref = merged(torch.tensor([ids])).logits[0, :, :len(tok)].double().numpy()
+    ref = hf_logits(merged, ids, len(tok))
     ours = llama_cpp_logits(gguf, ids)[:, :len(tok)]
     assert_logits_close(ours, ref, fam.name)
     # and the adapter mattered: the base's logits are far from these
     from transformers import AutoModelForCausalLM
     base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation="eager")
-    with torch.no_grad():
-        plain = base_model(torch.tensor([ids])).logits[0, :, :len(tok)].double().numpy()
+    plain = hf_logits(base_model, ids, len(tok))
     assert (np.linalg.norm(plain - ref, axis=1) / np.linalg.norm(ref, axis=1)).min() > 1e-2
 
 
@@ -117,8 +121,7 @@ def test_unmerged_adapter_logits_equal_peft_merge(family):
     run_script("export_adapters.py", "--base", base, "--checkpoints-dir", ckpts, "--out-dir", adapters,
                "--outtype", "f32", "--log", tmp / "export.log")
     ids = random_ids(tok)
-    with torch.no_grad():
-        ref = merged(torch.tensor([ids])).logits[0, :, :len(tok)].double().numpy()
+    ref = hf_logits(merged, ids, len(tok))
     assert_logits_close(llama_cpp_logits(base_gguf, ids, lora=adapters / "adapter.gguf")[:, :len(tok)], ref,
                         f"{fam.name} unmerged")
 
