@@ -6,11 +6,14 @@ import json
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,6 +137,73 @@ def make_adapter(base_model, folder: Path, seed: int = 1, save_kwargs: dict | No
                 p.add_(torch.randn_like(p) * 0.05)
     model.save_pretrained(folder, **(save_kwargs or {}))
     return model
+
+
+# GGUF metadata value types (gguf-py's GGUFValueType) as struct formats; 8 is a string, 9 an array
+GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def read_gguf(path) -> tuple[dict, dict]:
+    """(metadata, tensors) of a GGUF file: metadata as Python values by key; tensors by name, each with
+    tensor_type, shape (GGUF order) and data (a read-only view, shaped as gguf-py's GGUFReader shapes it).
+
+    GGUFReader makes a numpy view of every string: 14 s for one file with Qwen2's 151k-token vocabulary on
+    2 cores, 10 s for Llama 3's; reading the same metadata with struct takes a fraction of a second."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    buf = Path(path).read_bytes()
+    pos = 0
+
+    def take(fmt: str):
+        nonlocal pos
+        (value,) = struct.unpack_from("<" + fmt, buf, pos)
+        pos += struct.calcsize(fmt)
+        return value
+
+    def string() -> str:
+        nonlocal pos
+        n = take("Q")
+        pos += n
+        return buf[pos - n:pos].decode("utf-8")
+
+    def value(kind: int):
+        if kind == 8:
+            return string()
+        if kind == 9:
+            item, count = take("I"), take("Q")
+            return [value(item) for _ in range(count)]
+        return take(GGUF_SCALARS[kind])
+
+    assert buf[:4] == b"GGUF", path
+    pos = 4
+    _, n_tensors, n_kv = take("I"), take("Q"), take("Q")
+    metadata = {}
+    for _ in range(n_kv):
+        key = string()
+        metadata[key] = value(take("I"))
+    infos = []
+    for _ in range(n_tensors):
+        name = string()
+        shape = [take("Q") for _ in range(take("I"))]
+        infos.append((name, shape, GGMLQuantizationType(take("I")), take("Q")))
+    align = metadata.get("general.alignment", 32)
+    start = -(-pos // align) * align
+    plain = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16,
+             GGMLQuantizationType.F64: np.float64, GGMLQuantizationType.I8: np.int8,
+             GGMLQuantizationType.I16: np.int16, GGMLQuantizationType.I32: np.int32,
+             GGMLQuantizationType.I64: np.int64}
+    everything = np.frombuffer(buf, dtype=np.uint8)
+    tensors = {}
+    for name, shape, kind, offset in infos:
+        rows = list(reversed(shape))
+        if kind in plain:
+            dtype = plain[kind]
+        else:  # quantized (and bf16): raw bytes per row, as GGUFReader gives them
+            block, size = GGML_QUANT_SIZES[kind]
+            dtype, rows[-1] = np.uint8, rows[-1] // block * size
+        count = int(np.prod(rows))
+        data = everything[start + offset:start + offset + count * np.dtype(dtype).itemsize].view(dtype).reshape(rows)
+        tensors[name] = SimpleNamespace(name=name, tensor_type=kind, shape=shape, data=data)
+    return metadata, tensors
 
 
 def free_port() -> int:

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from conftest import needs_llama_cpp, needs_llama_source
-from helpers import (LLAMA_CPP, LLAMA_SERVER, ROOT, error_line, free_port, http_json, make_adapter,
-                     make_tiny_llama, run_script, running_server, server_log)
+from helpers import (LLAMA_SERVER, ROOT, error_line, free_port, http_json, make_adapter,
+                     make_tiny_llama, read_gguf, run_script, running_server, server_log)
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROMPT = list(range(200, 232))  # token ids: the same prompt for every server
@@ -27,7 +27,7 @@ def base(tmp_path_factory):
     """(folder, model): a tiny Llama with the real Llama 2 tokenizer and room for long requests."""
     folder = tmp_path_factory.mktemp("base")
     model, _ = make_tiny_llama(folder, "spm", seed=3)
-    model.config.max_position_embeddings = 8192  # room for a request that is still generating a while later
+    model.config.max_position_embeddings = 32768  # room for a request that is still generating a while later
     model.save_pretrained(folder, safe_serialization=True)
     return folder, model
 
@@ -77,14 +77,10 @@ def test_export_writes_what_llama_cpp_can_apply_and_names_the_rest(exported):
     assert "DoRA" in reasons["dora"] and "modules_to_save" in reasons["head"] and "embedding" in reasons["embedding"]
     assert all("make CHECKPOINT=" in line for line in reasons.values())
 
-    import sys
-    sys.path.insert(0, str(LLAMA_CPP / "gguf-py"))
-    import gguf
-    reader = gguf.GGUFReader(out / "beta.gguf")
-    fields = {f.name: f for f in reader.fields.values()}
-    assert bytes(fields["general.type"].parts[-1]).decode() == "adapter"
-    assert float(fields["adapter.lora.alpha"].parts[-1][0]) == 0.0  # the scale is in B
-    names = {t.name for t in reader.tensors}
+    metadata, tensors = read_gguf(out / "beta.gguf")
+    assert metadata["general.type"] == "adapter"
+    assert metadata["adapter.lora.alpha"] == 0.0  # the scale is in B
+    names = set(tensors)
     assert len(names) == 2 * 7 * 2  # A and B of 7 modules in each of 2 layers
     assert {"blk.0.attn_q.weight.lora_a", "blk.1.ffn_down.weight.lora_b"} <= names
 
@@ -241,24 +237,29 @@ def test_two_adapters_at_once_each_get_their_own_tokens(base_gguf, exported, tmp
 @needs_llama_cpp
 def test_adapter_added_while_serving_goes_online_without_waiting_for_requests_in_flight(
         base, base_gguf, checkpoints, tmp_path):
+    """beta is exported and loaded while alpha streams; alpha keeps streaming through it, without an error, and
+    beta answers before alpha is done. alpha asks for more tokens than the whole test needs (at the ~600 tokens/s
+    of an idle 2-core box: about a minute) and is cut off by the client once beta has answered."""
     ckpts, adapters = tmp_path / "ckpts", tmp_path / "adapters"
     shutil.copytree(checkpoints / "alpha", ckpts / "alpha")
     export = ("--base", base[0], "--checkpoints-dir", ckpts, "--out-dir", adapters, "--log", tmp_path / "c.log")
     run_script("export_adapters.py", *export)
     port = free_port()
-    serve = ("--adapters", adapters, "--alias", "tiny", "--ctx-size", "8192")
+    serve = ("--adapters", adapters, "--alias", "tiny", "--ctx-size", "32768")
     with running_server(base_gguf["f16"], tmp_path, port=port, extra=serve) as url:
         req = urllib.request.Request(url + "/completion", json.dumps({
-            "model": "alpha", "prompt": PROMPT, "n_predict": 4000, "ignore_eos": True, "stream": True}).encode(),
+            "model": "alpha", "prompt": PROMPT, "n_predict": 32000, "ignore_eos": True, "stream": True}).encode(),
             headers={"Content-Type": "application/json"})
-        chunks, started = [], threading.Event()
+        chunks, started, beta_done = [], threading.Event(), []
 
-        def read_stream() -> None:  # alpha, generating all along: every chunk with the time it came
+        def read_stream() -> None:  # alpha: every chunk with the time it came, until 16 came after beta's answer
             with urllib.request.urlopen(req, timeout=600) as stream:
                 for line in stream:
                     if line.startswith(b"data: {"):
                         chunks.append((time.monotonic(), json.loads(line[6:])))
                         started.set()
+                        if beta_done and sum(t > beta_done[0] for t, _ in chunks[-16:]) == 16:
+                            break  # closing the stream cancels alpha
 
         reader = threading.Thread(target=read_stream)
         reader.start()
@@ -272,8 +273,7 @@ def test_adapter_added_while_serving_goes_online_without_waiting_for_requests_in
         _, models = http_json(url + "/v1/models")
         assert [m["id"] for m in models["data"]] == ["tiny", "alpha", "beta"]
         assert len(greedy(url, "beta")) == 24
-        beta_done = time.monotonic()
+        beta_done.append(time.monotonic())
         reader.join()
-    last_time, last = chunks[-1]
-    assert last["stop"] and last["tokens_predicted"] == 4000 and "error" not in last
-    assert beta_done < last_time  # beta's prompt and tokens took turns with alpha's batch, not waited for its end
+    assert not any("error" in c or c.get("stop") for _, c in chunks)  # alpha was neither failed nor ended
+    assert sum(t > beta_done[0] for t, _ in chunks) == 16  # and still streaming after beta's answer

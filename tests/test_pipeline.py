@@ -4,12 +4,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from gguf import GGUFReader
 from gguf.quants import dequantize
 from safetensors.torch import load_file
 
 from conftest import needs_llama_cpp
-from helpers import error_line, http_json, make_adapter, make_tiny_llama, run_script, running_server
+from helpers import error_line, http_json, make_adapter, make_tiny_llama, read_gguf, run_script, running_server
 
 pytestmark = needs_llama_cpp
 
@@ -27,16 +26,14 @@ def test_merge_quantize_serve(request, tmp_path, tokenizer):
     gguf = tmp_path / "model.q8_0.gguf"
     run_script("convert_gguf.py", "--model", merged, "--quant", "q8_0", "--out", gguf, "--log", tmp_path / "c.log")
 
-    reader = GGUFReader(gguf)
-    field = lambda k: reader.fields[k].contents()  # noqa: E731
-    assert field("general.architecture") == "llama"
-    assert field("tokenizer.ggml.model") == ("llama" if tokenizer == "spm" else "gpt2")
-    assert len(field("tokenizer.ggml.tokens")) == len(tok)
-    assert field("general.file_type") == 7  # MOSTLY_Q8_0
+    metadata, tensors = read_gguf(gguf)
+    assert metadata["general.architecture"] == "llama"
+    assert metadata["tokenizer.ggml.model"] == ("llama" if tokenizer == "spm" else "gpt2")
+    assert len(metadata["tokenizer.ggml.tokens"]) == len(tok)
+    assert metadata["general.file_type"] == 7  # MOSTLY_Q8_0
 
     # the merged (not the base) weights are what went into the GGUF, to within one q8_0 step
     weights = load_file(merged / "model.safetensors")
-    tensors = {t.name: t for t in reader.tensors}
     for i in range(2):
         for hf_name, gguf_name in GGUF_NAMES.items():
             hf = weights[hf_name.format(i=i)].float().numpy()
@@ -68,10 +65,10 @@ def test_other_quant_types(tmp_path, quant):
     run_script("merge_lora.py", "--base", base_dir, "--checkpoints-dir", tmp_path / "ckpts", "--out", tmp_path / "m")
     out = tmp_path / f"model.{quant}.gguf"
     run_script("convert_gguf.py", "--model", tmp_path / "m", "--quant", quant, "--out", out, "--log", tmp_path / "c.log")
-    reader = GGUFReader(out)
-    types = {t.tensor_type.name for t in reader.tensors}
+    metadata, tensors = read_gguf(out)
+    types = {t.tensor_type.name for t in tensors.values()}
     assert ("F16" in types) if quant == "f16" else ("Q4_K" in types)
-    assert reader.fields["general.file_type"].contents() == (1 if quant == "f16" else 15)  # MOSTLY_F16 / Q4_K_M
+    assert metadata["general.file_type"] == (1 if quant == "f16" else 15)  # MOSTLY_F16 / Q4_K_M
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no intermediate left behind
 
 
