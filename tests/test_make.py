@@ -93,14 +93,14 @@ def test_gguf_distribution_matches_merged_hf_model(default_run):
 
 def test_make_eval_reports_what_merging_and_quantizing_cost(default_run):
     out, _, args, _ = default_run
-    proc = make(*args, "EVAL_ARGS=--max-tokens 2048", "eval")  # 1,024 tokens scored (the default 4,096: 2,048)
+    proc = make(*args, "EVAL_ARGS=--max-tokens 1024", "eval")  # 512 tokens scored (the default 4,096: 2,048)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (out / "eval" / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "eval" / "report.md").read_text()
     assert "| GGUF Q4_K_M | llama.cpp |" in table and "| GGUF Q4_K_M | llama.cpp |" in proc.stdout
     r = json.loads((out / "eval" / "quality.json").read_text())
     merged, unmerged = r["HF merged 16-bit (reference)"], r["HF base + adapter (unmerged)"]
-    assert merged["tokens"] >= 1000
+    assert merged["tokens"] >= 500
     # the merge changes nothing measurable (what is left is the merged weights' one bf16 rounding, ~0.1% of
     # perplexity); the adapter itself does (measured: base +4.5% perplexity, KL 1000x the unmerged one)
     assert unmerged["kl"] < 1e-4 and abs(unmerged["ppl"] / merged["ppl"] - 1) < 5e-3
