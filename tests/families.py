@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from helpers import VOCABS, real_tokenizer, save_tokenizer
+from helpers import VOCABS, read_gguf, real_tokenizer, save_tokenizer
 
 MISTRAL_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
                     "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
@@ -59,15 +59,12 @@ FAMILIES = {
 def sentencepiece_model(path: Path, extra_pieces: tuple = ()) -> None:
     """Write Llama 2's SentencePiece tokenizer.model, rebuilt from ggml-vocab-llama-spm.gguf (pieces, scores and
     types, BPE model, byte fallback, dummy prefix), with `extra_pieces` appended as user-defined pieces."""
-    import sys
-    sys.path.insert(0, str(VOCABS.parent / "gguf-py"))
-    from gguf import GGUFReader
     from sentencepiece import sentencepiece_model_pb2 as pb
 
-    fields = GGUFReader(VOCABS / "ggml-vocab-llama-spm.gguf").fields
+    vocab, _ = read_gguf(VOCABS / "ggml-vocab-llama-spm.gguf")
     proto = pb.ModelProto()
-    for text, score, kind in zip(fields["tokenizer.ggml.tokens"].contents(), fields["tokenizer.ggml.scores"].contents(),
-                                 fields["tokenizer.ggml.token_type"].contents()):
+    for text, score, kind in zip(vocab["tokenizer.ggml.tokens"], vocab["tokenizer.ggml.scores"],
+                                 vocab["tokenizer.ggml.token_type"]):
         proto.pieces.add(piece=text, score=score, type=kind)  # GGUF's token types are SentencePiece's
     for text in extra_pieces:
         proto.pieces.add(piece=text, score=0.0, type=pb.ModelProto.SentencePiece.USER_DEFINED)
@@ -104,10 +101,7 @@ def family_tokenizer(family: Family, folder: Path):
 
 
 def gguf_chat_template(vocab: str) -> str:
-    import sys
-    sys.path.insert(0, str(VOCABS.parent / "gguf-py"))
-    from gguf import GGUFReader
-    return GGUFReader(VOCABS / f"ggml-vocab-{vocab}.gguf").fields["tokenizer.chat_template"].contents()
+    return read_gguf(VOCABS / f"ggml-vocab-{vocab}.gguf")[0]["tokenizer.chat_template"]
 
 
 def make_family_model(family: Family, folder: Path, seed: int = 0, dtype=torch.float32):
