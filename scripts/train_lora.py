@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lib.chunked_loss import FinalHidden, causal_lm_loss, supports_chunked_loss  # noqa: E402
 from lib.common import UserError, atomic_dir, log, run_main  # noqa: E402
 from lib.tales import FALLBACK_CHAT_TEMPLATE, chat_messages, load_tales, split_tales  # noqa: E402
 
@@ -88,9 +89,10 @@ RECIPES = {
     "cpu": dict(load="fp32", batch_size=4, grad_accum=1, seq_len=256, lr=2e-4, steps=30, optim="adamw",
                 gradient_checkpointing=False, compile=False),
     # the seed's QLoRA (seed 002): nf4 base with double quantization and bf16 compute, paged 8-bit AdamW,
-    # gradient checkpointing; fits an 8B model in about 15 GiB of GPU memory
-    "seed": dict(load="nf4", batch_size=6, grad_accum=4, seq_len=512, lr=1e-4, steps=500, optim="paged_adamw_8bit",
-                 gradient_checkpointing=True, compile=False),
+    # gradient checkpointing, the same global batch of 24; faster than the seed's own set-up (make bench-train):
+    # the layers compiled, micro-batches of 12, the unquantized parameters left bf16, the loss in chunks
+    "seed": dict(load="nf4", batch_size=12, grad_accum=2, seq_len=512, lr=1e-4, steps=500, optim="paged_adamw_8bit",
+                 gradient_checkpointing=True, compile=True),
     # the same global batch, lr and LoRA, several times faster where the 16-bit base fits in GPU memory
     # (8B: ~35 GiB): no nf4 dequantization in every matmul, no recomputed forward pass, compiled layers
     "fast": dict(load="bf16", batch_size=6, grad_accum=4, seq_len=512, lr=1e-4, steps=500, optim="adamw",
@@ -171,8 +173,15 @@ def load_model(args, device):
 
     import torch
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU-kernel notice, on import by peft
+    if args.kernels == "unsloth":
+        return load_model_unsloth(args, device)
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    if args.kernels == "liger":
+        # Liger's Triton kernels (RMSNorm, RoPE, SwiGLU, and a cross-entropy fused with lm_head that never
+        # materialises the logits) patched into the architecture's modules before they are built
+        from liger_kernel.transformers import AutoLigerKernelForCausalLM as AutoModelForCausalLM
+    else:
+        from transformers import AutoModelForCausalLM
 
     ckpt_kwargs = {"use_reentrant": False}  # the re-entrant variant breaks DDP and frozen inputs
     if args.load == "nf4":
@@ -182,14 +191,18 @@ def load_model(args, device):
                                  bnb_4bit_compute_dtype=torch.bfloat16)
         model = AutoModelForCausalLM.from_pretrained(args.base, quantization_config=bnb, dtype=torch.bfloat16,
                                                      device_map={"": device})
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs=ckpt_kwargs)
+        if args.upcast_fp32:
+            # PEFT's usual QLoRA preparation (the seed's): every parameter that is not 4-bit in fp32 (the norms,
+            # the embeddings, the 128k-row lm_head), so lm_head runs as an fp32 matmul and the residual stream
+            # in fp32 between the norms: about 2x slower and 2 GB more on an 8B (make bench-train)
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing,
+                                                    gradient_checkpointing_kwargs=ckpt_kwargs)
     else:
         dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.load]
         model = AutoModelForCausalLM.from_pretrained(args.base, dtype=dtype).to(device)
-        if args.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
-            model.enable_input_require_grads()
+    if args.gradient_checkpointing and not (args.load == "nf4" and args.upcast_fp32):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+        model.enable_input_require_grads()
     model.config.use_cache = False
     targets = lora_targets(model, args.target_modules)
     log(f"LoRA on {','.join(targets)}")
@@ -200,6 +213,23 @@ def load_model(args, device):
         # regional compilation: the decoder layers are alike, so one compiled graph serves all of them
         for layer in model.get_base_model().model.layers:
             layer.compile()
+    model.train()
+    return model
+
+
+def load_model_unsloth(args, device):
+    """--kernels unsloth: the base loaded and LoRA-wrapped by Unsloth's FastLanguageModel, its documented set-up
+    (its own gradient checkpointing when that is on; it compiles nothing of ours). Benchmark-only."""
+    import torch
+    from unsloth import FastLanguageModel
+    model, _ = FastLanguageModel.from_pretrained(
+        str(args.base), max_seq_length=args.seq_len, dtype=torch.bfloat16, load_in_4bit=args.load == "nf4",
+        load_in_16bit=args.load == "bf16", device_map={"": device}, use_gradient_checkpointing=False)
+    targets = lora_targets(model, args.target_modules)
+    log(f"LoRA on {','.join(targets)} (Unsloth)")
+    model = FastLanguageModel.get_peft_model(
+        model, r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, bias="none", target_modules=targets,
+        use_gradient_checkpointing="unsloth" if args.gradient_checkpointing else False, random_state=args.seed)
     model.train()
     return model
 
@@ -251,11 +281,20 @@ def parse_args():
     p.add_argument("--optim", choices=["adamw", "paged_adamw_8bit"])
     p.add_argument("--gradient-checkpointing", choices=["on", "off"])
     p.add_argument("--compile", choices=["on", "off"], help="torch.compile each decoder layer (fast: on)")
+    p.add_argument("--upcast-fp32", choices=["on", "off"], default="off",
+                   help="nf4 only: PEFT's prepare_model_for_kbit_training, the parameters left unquantized in fp32 "
+                        "(the seed's set-up; off: they stay bf16, as the LoRA weights stay fp32 either way)")
     p.add_argument("--r", type=int, default=8, help="LoRA rank")
     p.add_argument("--alpha", type=float, default=32, help="LoRA alpha")
     p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
     p.add_argument("--target-modules", default="auto", help="comma-separated module names, or auto: PEFT's default "
                    "for the architecture, else every linear layer of the attention blocks (Phi-3: qkv_proj,o_proj)")
+    p.add_argument("--chunked-loss", choices=["on", "off"], default="on",
+                   help="take the loss from the final hidden states a chunk at a time (lib/chunked_loss.py) instead of "
+                        "Transformers' loss over the whole micro-batch's logits (Llama, Mistral, Qwen, Phi-3)")
+    p.add_argument("--kernels", choices=["torch", "liger", "unsloth"], default="torch",
+                   help="for make bench-train, needs a CUDA GPU and the package (not in requirements): liger = "
+                        "Liger's Triton kernels in the model; unsloth = Unsloth's FastLanguageModel (bf16 or nf4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: all cores)")
     p.add_argument("--eval-every", type=int, default=0, help="held-out eval loss every N steps (0: end only)")
@@ -268,19 +307,33 @@ def parse_args():
     for key, value in RECIPES[args.recipe].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    for key in ("gradient_checkpointing", "compile"):
+    for key in ("gradient_checkpointing", "compile", "upcast_fp32", "chunked_loss"):
         if isinstance(getattr(args, key), str):
             setattr(args, key, getattr(args, key) == "on")
     if args.steps < 1 or args.batch_size < 1 or args.grad_accum < 1 or args.seq_len < 16:
         raise UserError("--steps, --batch-size and --grad-accum must be >= 1 and --seq-len >= 16")
     if args.load == "nf4" and not torch.cuda.is_available():
         raise UserError("--load nf4 (the seed recipe) needs a CUDA GPU; on CPU use --recipe cpu")
+    if args.kernels != "torch":
+        import importlib.util
+        package = {"liger": "liger_kernel"}.get(args.kernels, args.kernels)
+        if not torch.cuda.is_available():
+            raise UserError(f"--kernels {args.kernels} needs a CUDA GPU")
+        if importlib.util.find_spec(package) is None:
+            raise UserError(f"--kernels {args.kernels} needs the {package} package: pip install {package}")
+        if args.kernels == "unsloth":
+            if args.load == "fp32":
+                raise UserError("--kernels unsloth loads the base in bf16 or nf4, not fp32")
+            args.compile = False  # Unsloth brings its own kernels and compiles what it patches
     return args
 
 
 def main() -> None:
     args = parse_args()
     tales = load_tales(args.dataset)
+    if args.kernels == "unsloth":
+        import importlib
+        importlib.import_module("unsloth")  # before transformers: it patches transformers' classes on import
     import torch
     from tqdm import tqdm
     from transformers import AutoTokenizer
@@ -317,6 +370,10 @@ def main() -> None:
         from torch.nn.parallel import DistributedDataParallel
         ddp = DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
     start_eval = eval_loss(model, held, pad_id, args.batch_size, dist.device) if dist.main else None
+    # the loss from the final hidden states in chunks (lib/chunked_loss.py), where the logits are a plain lm_head;
+    # Liger and Unsloth bring their own fused loss
+    final_hidden = (FinalHidden(model) if args.chunked_loss and args.kernels == "torch" and supports_chunked_loss(model)
+                    else None)
 
     order: list[int] = []
     losses, tokens, evals, first = [], 0, [], 0
@@ -346,8 +403,12 @@ def main() -> None:
             ids, labels = ids.to(dist.device), labels.to(dist.device)
             sync = ddp is None or i == accum - 1
             with (ddp.no_sync() if not sync else contextlib.nullcontext()):
-                loss = (ddp or model)(input_ids=ids, attention_mask=mask, labels=labels,
-                                      num_items_in_batch=label_count).loss
+                if final_hidden:
+                    (ddp or model)(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+                    loss = causal_lm_loss(final_hidden.take(), model.get_output_embeddings(), labels, label_count)
+                else:
+                    loss = (ddp or model)(input_ids=ids, attention_mask=mask, labels=labels,
+                                          num_items_in_batch=label_count).loss
                 (loss * dist.world).backward()  # DDP averages over processes; the loss is already global
             step_loss += loss.detach()
         step_loss = dist.sum(step_loss.item())  # one GPU sync per step, not per micro-batch

@@ -11,6 +11,7 @@ disk; needs a GPU). Without a CUDA GPU only the cpu recipe can run, and the tabl
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -23,16 +24,46 @@ from lib.common import ROOT, UserError, log, run_main  # noqa: E402
 
 # name -> (what changes from the line above it, train_lora.py flags)
 GPU_VARIANTS = {
-    "seed": ("seed 002: nf4 QLoRA, gradient checkpointing, 6 x 4, paged AdamW 8-bit", ["--recipe", "seed"]),
+    "seed-002": ("seed 002: nf4 QLoRA, gradient checkpointing, 6 x 4, paged AdamW 8-bit, PEFT's fp32 upcast of the "
+                 "unquantized parameters, Transformers' loss",
+                 ["--recipe", "seed", "--upcast-fp32", "on", "--compile", "off", "--batch-size", "6", "--grad-accum",
+                  "4", "--chunked-loss", "off"]),
+    "seed": ("ours (RECIPE=seed): the same QLoRA with those left bf16, layers compiled, 12 x 2, loss in chunks",
+             ["--recipe", "seed"]),
     "seed-no-ckpt": ("- gradient checkpointing", ["--recipe", "seed", "--gradient-checkpointing", "off"]),
-    "bf16-ckpt": ("bf16 base instead of nf4 (checkpointing back on)",
+    "bf16-ckpt": ("bf16 base instead of nf4 (checkpointing back on, not compiled, 6 x 4)",
                   ["--recipe", "fast", "--gradient-checkpointing", "on", "--compile", "off"]),
     "bf16": ("bf16 base, no checkpointing", ["--recipe", "fast", "--compile", "off"]),
     "bf16-12x2": ("micro-batch 12 x 2 instead of 6 x 4", ["--recipe", "fast", "--compile", "off", "--batch-size",
                                                           "12", "--grad-accum", "2"]),
-    "fast": ("ours (RECIPE=fast): bf16, no checkpointing, 6 x 4, each decoder layer torch.compiled",
+    "fast": ("ours (RECIPE=fast): bf16, no checkpointing, 6 x 4, each decoder layer torch.compiled, loss in chunks",
              ["--recipe", "fast"]),
+    # Peers, on the same base, data, global batch, lr, seed and LoRA (rank, alpha, targets). Unsloth runs its
+    # documented set-ups: LoRA dropout 0 (its fast path) and its own gradient checkpointing.
+    "liger": ("fast + Liger's kernels (RMSNorm, RoPE, SwiGLU, cross-entropy fused with lm_head)",
+              ["--recipe", "fast", "--kernels", "liger"]),
+    "unsloth": ("Unsloth 16-bit LoRA as documented: its kernels, its gradient checkpointing, dropout 0",
+                ["--recipe", "fast", "--kernels", "unsloth", "--gradient-checkpointing", "on", "--dropout", "0"]),
+    "unsloth-no-ckpt": ("the same without gradient checkpointing", ["--recipe", "fast", "--kernels", "unsloth",
+                                                                     "--dropout", "0"]),
+    "unsloth-qlora": ("Unsloth QLoRA as documented: nf4, its gradient checkpointing, dropout 0, paged AdamW 8-bit, 6 x 4",
+                      ["--recipe", "seed", "--kernels", "unsloth", "--dropout", "0", "--batch-size", "6",
+                       "--grad-accum", "4"]),
 }
+PEER_PACKAGES = {"liger": "liger_kernel", "unsloth": "unsloth"}  # variant-name prefix -> package it needs
+# dense bf16 matrix peak of the GPU, TFLOP/s (vendor datasheets, SXM parts), for the utilisation figure
+BF16_PEAK_TFLOPS = {"H100": 989.5, "H200": 989.5, "A100": 312.0}
+
+
+def flops_per_token(cfg: dict, seq_len: float) -> float:
+    """Matrix FLOPs a LoRA training step spends per token: 4 x the parameters of the frozen matmuls (forward, and
+    backward to the activations; the frozen weights take no gradient) plus causal attention (QK^T and PV: 2 s d a
+    token forward, twice that backward). The LoRA matmuls (r=8) and the embedding lookup are left out."""
+    h, f, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    head = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * head, cfg.get("num_key_value_heads", cfg["num_attention_heads"]) * head
+    linear = layers * (h * q + 2 * h * kv + q * h + 3 * h * f) + h * cfg["vocab_size"]
+    return 4 * linear + 6 * layers * seq_len * q
 CPU_VARIANTS = {"cpu": ("plain LoRA on the fp32 base (the CPU demo recipe)", ["--recipe", "cpu"])}
 
 
@@ -53,8 +84,10 @@ def main() -> None:
     names = [v for v in args.variants.split(",") if v] or list(GPU_VARIANTS if gpu else CPU_VARIANTS)
     if unknown := [n for n in names if n not in table]:
         raise UserError(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(table)}")
+    missing = {n: pkg for n in names for prefix, pkg in PEER_PACKAGES.items()
+               if n.startswith(prefix) and importlib.util.find_spec(pkg) is None}
     if not gpu and any(n in GPU_VARIANTS for n in names):
-        raise UserError("the seed/bf16 variants need a CUDA GPU; here only --variants cpu runs")
+        raise UserError("all variants but cpu need a CUDA GPU; here only --variants cpu runs")
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     base = args.base
@@ -66,9 +99,14 @@ def main() -> None:
     if not (base / "config.json").exists():
         raise UserError(f"{base / 'config.json'} not found (run 'make base' first, or pass --base)")
 
+    cfg = json.loads((base / "config.json").read_text())
     rows = []
     for name in names:
         what, flags = table[name]
+        if name in missing:
+            print(f"  {name}: skipped ({missing[name]} is not installed here: pip install {missing[name]})", flush=True)
+            rows.append((name, what, f"not installed ({missing[name]})"))
+            continue
         out = work / f"run-{name}"
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(out.with_name(f".{out.name}.resume"), ignore_errors=True)
@@ -81,29 +119,36 @@ def main() -> None:
         if code != 0:
             tail = (work / f"{name}.log").read_text(errors="replace").strip().splitlines()[-1:]
             print(f"  {name}: failed ({' '.join(tail)[:160]})", flush=True)
-            rows.append((name, what, None))
+            rows.append((name, what, f"failed: {' '.join(tail)[:100]}"))
             continue
         m = json.loads((out / "metrics.json").read_text())
         targs = json.loads((out / "training_args.json").read_text())
-        m["s_per_step"] = targs["batch_size"] * targs["grad_accum"] * targs["seq_len"] / m["tokens_per_second"]
+        step_tokens = m["train_tokens"] / m["steps"]
+        m["s_per_step"] = step_tokens / m["tokens_per_second"]
+        seq = step_tokens / (targs["batch_size"] * targs["grad_accum"])
+        m["tflops"] = m["tokens_per_second"] * flops_per_token(cfg, seq) / 1e12
         m["wall"] = time.perf_counter() - start
         rows.append((name, what, m))
-        print(f"  {name}: {m['tokens_per_second']:.0f} tokens/s, {m['s_per_step']:.2f} s/step, peak GPU "
-              f"{m.get('peak_gpu_gib', 0):.1f} GiB, held-out loss {m['eval_loss_before']:.4f} -> {m['eval_loss_after']:.4f} "
-              f"({m['wall']:.0f} s in all)", flush=True)
+        print(f"  {name}: {m['tokens_per_second']:.0f} tokens/s, {m['s_per_step']:.2f} s/step, {m['tflops']:.0f} "
+              f"TFLOP/s, peak GPU {m.get('peak_gpu_gib', 0):.1f} GiB, held-out loss {m['eval_loss_before']:.4f} -> "
+              f"{m['eval_loss_after']:.4f} ({m['wall']:.0f} s in all)", flush=True)
         shutil.rmtree(out, ignore_errors=True)
 
-    ref = next((m for _, _, m in rows if m), None)
+    ref = next((m for _, _, m in rows if isinstance(m, dict)), None)
     device = torch.cuda.get_device_name(0) if gpu else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"\nfine-tuning {base.name} on {args.dataset.name}, {args.steps} steps per variant, {device}\n")
-    print("| variant | change | tokens/s | s/step | peak GPU GiB | held-out loss before -> after (change) | "
+    peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if gpu and k in device), None)
+    print(f"\nfine-tuning {base.name} on {args.dataset.name}, {args.steps} steps per variant, {device}; TFLOP/s "
+          f"counts the frozen matmuls and attention (flops_per_token)"
+          f"{f', % of the dense bf16 peak of {peak:.0f}' if peak else ''}\n")
+    print("| variant | change | tokens/s | s/step | TFLOP/s | peak GPU GiB | held-out loss before -> after (change) | "
           "speed vs first |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for name, what, m in rows:
-        if m is None:
-            print(f"| {name} | {what} | failed | | | | |")
+        if not isinstance(m, dict):
+            print(f"| {name} | {what} | {m} | | | | | |")
             continue
-        print(f"| {name} | {what} | {m['tokens_per_second']:.0f} | {m['s_per_step']:.2f} | "
+        share = f" ({100 * m['tflops'] / peak:.0f}%)" if peak else ""
+        print(f"| {name} | {what} | {m['tokens_per_second']:.0f} | {m['s_per_step']:.2f} | {m['tflops']:.0f}{share} | "
               f"{m.get('peak_gpu_gib', 0):.1f} | {m['eval_loss_before']:.4f} -> {m['eval_loss_after']:.4f} "
               f"({m['eval_loss_after'] - m['eval_loss_before']:+.4f}) | "
               f"{m['tokens_per_second'] / ref['tokens_per_second']:.2f}x |")
