@@ -217,7 +217,7 @@ train: $(BASE_DIR)/config.json | $(STAMP) ## fine-tune a LoRA on DATASET into CH
 	$(TRAIN_LAUNCH) scripts/train_lora.py --base $(BASE_DIR) --dataset $(DATASET) --out $(CHECKPOINTS_DIR)/$(RUN_NAME) \
 	  --recipe $(RECIPE) $(if $(TRAIN_STEPS),--steps $(TRAIN_STEPS)) --eval-every $(EVAL_EVERY) --save-every $(SAVE_EVERY) $(TRAIN_ARGS)
 
-bench-train: $(BASE_DIR)/config.json | $(STAMP) ## tokens/s, peak GPU memory, held-out loss: the seed's QLoRA vs ours, lever by lever; BENCH_MODEL=8b-random
+bench-train: $(BASE_DIR)/config.json | $(STAMP) ## tokens/s, TFLOP/s, peak GPU memory, held-out loss: the seed's QLoRA vs ours, lever by lever, and Unsloth/Liger where installed; BENCH_MODEL=8b-random
 	$(PY) scripts/bench/train.py --base $(BASE_DIR) --dataset $(DATASET) --model $(BENCH_MODEL)
 
 $(OUT)/.merge-inputs: FORCE
