@@ -96,13 +96,14 @@ def test_two_processes_give_the_one_process_result(tiny_bpe, tmp_path):
 
 
 def test_gpu_recipes_need_a_gpu_or_run_on_one(tiny_bpe, tmp_path):
-    """Without CUDA the seed recipe (nf4) is refused in one line; with CUDA (never in CI) seed and fast each run
+    """Without CUDA the seed recipe (nf4) and the benchmark's peer kernels are refused in one line; with CUDA (never in CI) seed and fast each run
     a few steps and write a checkpoint with the peak GPU memory in its metrics."""
     data = write_tales(tmp_path / "tales.jsonl", some_tales())
     if not torch.cuda.is_available():
-        proc = train(tiny_bpe[0], data, tmp_path / "x", "--recipe", "seed", "--steps", "1", check=False)
-        assert proc.returncode == 1 and "needs a CUDA GPU" in error_line(proc)
-        assert not (tmp_path / "x").exists()
+        for flags in (("--recipe", "seed"), ("--kernels", "liger"), ("--kernels", "unsloth")):
+            proc = train(tiny_bpe[0], data, tmp_path / "x", *flags, "--steps", "1", check=False)
+            assert proc.returncode == 1 and "needs a CUDA GPU" in error_line(proc), flags
+            assert not (tmp_path / "x").exists()
         return
     for recipe in ("seed", "fast"):
         train(tiny_bpe[0], data, tmp_path / recipe, "--recipe", recipe, "--steps", "3")
