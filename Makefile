@@ -121,7 +121,7 @@ MERGE_INPUTS := $(BASE_DIR) $(CHECKPOINT) $(MERGE_METHOD) $(sort $(USER_CHECKPOI
 
 .PHONY: all help install check vendor llamafile base merge quantize serve serve-bg stop chat train test clean \
         package generate compare bench-merge bench-train bench-serve test-serve eval data adapters serve-adapters \
-        clean-vendor quick-check test-without-llama-cpp test-llama-cpp FORCE run-install-python-dependencies run-download-llamafile run-clone-repositories \
+        clean-vendor quick-check test-without-llama-cpp test-llama-cpp test-shared-reset FORCE run-install-python-dependencies run-download-llamafile run-clone-repositories \
         run-merge-models run-quantize-llama-model
 
 all: install check vendor llamafile base merge quantize serve-bg ## the whole pipeline: install, check inputs, build, merge, quantize, serve in the background; stage times at the end
@@ -324,13 +324,17 @@ eval: $(BASE_DIR)/config.json $(CHECKPOINT_FILES) | $(LLAMA_BIN)/llama-server $(
 # Two pytest runs side by side (each in its own temporary folder; make prints their output line by line): the
 # tests that need no llama.cpp build (some need its source) start while it builds, the rest (marked llama_cpp in
 # tests/) once it is there.
+# tests/ fixtures that both runs need are built once, by the first run to ask, in TEST_SHARED (emptied first).
+TEST_SHARED := $(abspath $(OUT))/pytest/shared
 test: test-without-llama-cpp test-llama-cpp ## run the test suite (tests/): what needs no llama.cpp build runs while it builds
-test-without-llama-cpp: $(STAMP) $(LLAMA_SRC)
-	@mkdir -p $(OUT)/pytest
-	$(PY) -m pytest tests -m "not llama_cpp" --basetemp=$(OUT)/pytest/without-llama-cpp $(PYTEST_ARGS)
-test-llama-cpp: $(STAMP) $(LLAMA_BIN)/llama-server
-	@mkdir -p $(OUT)/pytest
-	$(PY) -m pytest tests -m llama_cpp --basetemp=$(OUT)/pytest/llama-cpp $(PYTEST_ARGS)
+test-without-llama-cpp: $(STAMP) $(LLAMA_SRC) | test-shared-reset
+	LORA_SHIP_TEST_SHARED=$(TEST_SHARED) $(PY) -m pytest tests -m "not llama_cpp" \
+	  --basetemp=$(OUT)/pytest/without-llama-cpp $(PYTEST_ARGS)
+test-llama-cpp: $(STAMP) $(LLAMA_BIN)/llama-server | test-shared-reset
+	LORA_SHIP_TEST_SHARED=$(TEST_SHARED) $(PY) -m pytest tests -m llama_cpp --basetemp=$(OUT)/pytest/llama-cpp \
+	  $(PYTEST_ARGS)
+test-shared-reset:
+	@rm -rf $(TEST_SHARED) && mkdir -p $(TEST_SHARED)
 
 test-serve: $(GGUF) | $(LLAMA_BIN)/llama-server $(STAMP) ## load and fault suite against the GGUF: 32 concurrent clients, bad requests, disconnects, restarts (loopback)
 	LORA_SHIP_GGUF=$(GGUF) $(PY) -m pytest tests/test_serve_faults.py $(PYTEST_ARGS)

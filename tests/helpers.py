@@ -118,6 +118,31 @@ def make_tiny_llama(folder: Path, kind: str = "spm", dtype=torch.float32, seed: 
     return model, tok
 
 
+def shared_folder(tmp_path_factory, name: str, build) -> Path:
+    """A folder that build(folder) fills, made once for both pytest runs of `make test`.
+
+    The Makefile sets LORA_SHIP_TEST_SHARED to a folder it empties before each `make test`: there the first run to
+    ask builds it (under a lock, complete when its marker is written) and the other run reuses it. The fixtures
+    that use this are seeded, so either run builds the same files. Without the variable (pytest run by hand) each
+    call builds into a fresh temporary folder."""
+    import fcntl
+    root = os.environ.get("LORA_SHIP_TEST_SHARED")
+    if not root:
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    folder, done = Path(root) / name, Path(root) / f"{name}.done"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(Path(root) / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # left by a run that failed while building it
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 def make_adapter(base_model, folder: Path, seed: int = 1, save_kwargs: dict | None = None, **lora_kwargs):
     """A PEFT LoRA adapter on `base_model` with random, non-zero A and B, saved to `folder` (save_kwargs: more
     arguments of PEFT's save_pretrained)."""

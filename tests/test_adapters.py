@@ -16,7 +16,7 @@ import pytest
 
 from conftest import needs_llama_cpp, needs_llama_source
 from helpers import (LLAMA_SERVER, ROOT, error_line, free_port, http_json, make_adapter,
-                     make_tiny_llama, read_gguf, run_script, running_server, server_log)
+                     make_tiny_llama, read_gguf, run_script, running_server, server_log, shared_folder)
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROMPT = list(range(200, 232))  # token ids: the same prompt for every server
@@ -24,22 +24,23 @@ PROMPT = list(range(200, 232))  # token ids: the same prompt for every server
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    """(folder, model): a tiny Llama with the real Llama 2 tokenizer and room for long requests."""
-    folder = tmp_path_factory.mktemp("base")
-    model, _ = make_tiny_llama(folder, "spm", seed=3)
-    model.config.max_position_embeddings = 32768  # room for a request that is still generating a while later
-    model.save_pretrained(folder, safe_serialization=True)
-    return folder, model
+    """(folder,): a tiny Llama with the real Llama 2 tokenizer and room for long requests."""
+    def build(folder):
+        model, _ = make_tiny_llama(folder, "spm", seed=3)
+        model.config.max_position_embeddings = 32768  # room for a request that is still generating a while later
+        model.save_pretrained(folder, safe_serialization=True)
+    return (shared_folder(tmp_path_factory, "adapters-base", build),)
 
 
 @pytest.fixture(scope="module")
 def base_gguf(base, tmp_path_factory):
     """type -> the base as a GGUF: f16 as served, f32 where a test compares tokens (its rounding is far below the
     tiny model's near-ties)."""
-    out = tmp_path_factory.mktemp("base-gguf")
-    for outtype in ("f16", "f32"):
-        run_script("convert_gguf.py", "--model", base[0], "--quant", outtype, "--out", out / f"base.{outtype}.gguf",
-                   "--log", out / "c.log")
+    def build(out):
+        for outtype in ("f16", "f32"):
+            run_script("convert_gguf.py", "--model", base[0], "--quant", outtype, "--out",
+                       out / f"base.{outtype}.gguf", "--log", out / "c.log")
+    out = shared_folder(tmp_path_factory, "adapters-base-gguf", build)
     return {t: out / f"base.{t}.gguf" for t in ("f16", "f32")}
 
 
@@ -47,33 +48,37 @@ def base_gguf(base, tmp_path_factory):
 def checkpoints(base, tmp_path_factory):
     """Adapters made by PEFT on the tiny base: two that llama.cpp can apply unmerged (plain q/v; all-linear with
     rsLoRA and rank and alpha patterns, so the scale differs per module) and three it cannot."""
-    folder = tmp_path_factory.mktemp("checkpoints")
-    _, model = base
-    make_adapter(model, folder / "alpha", seed=1)
-    make_adapter(model, folder / "beta", seed=2, r=8, lora_alpha=16, use_rslora=True, target_modules=ALL_LINEAR,
-                 rank_pattern={"down_proj": 2}, alpha_pattern={"o_proj": 3})
-    make_adapter(model, folder / "dora", seed=3, use_dora=True)
-    make_adapter(model, folder / "head", seed=4, modules_to_save=["lm_head"])
-    make_adapter(model, folder / "embedding", seed=5, target_modules=["embed_tokens", "q_proj"])
-    return folder
+    def build(folder):
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(base[0])
+        make_adapter(model, folder / "alpha", seed=1)
+        make_adapter(model, folder / "beta", seed=2, r=8, lora_alpha=16, use_rslora=True, target_modules=ALL_LINEAR,
+                     rank_pattern={"down_proj": 2}, alpha_pattern={"o_proj": 3})
+        make_adapter(model, folder / "dora", seed=3, use_dora=True)
+        make_adapter(model, folder / "head", seed=4, modules_to_save=["lm_head"])
+        make_adapter(model, folder / "embedding", seed=5, target_modules=["embed_tokens", "q_proj"])
+    return shared_folder(tmp_path_factory, "adapters-checkpoints", build)
 
 
 @pytest.fixture(scope="module")
 def exported(base, checkpoints, tmp_path_factory):
-    """(type -> folder of the exported adapters, the f16 export's process)."""
-    out = tmp_path_factory.mktemp("adapters")
-    procs = {t: run_script("export_adapters.py", "--base", base[0], "--checkpoints-dir", checkpoints, "--out-dir",
-                           out / t, "--outtype", t, "--log", out / "convert.log") for t in ("f16", "f32")}
-    return {t: out / t for t in procs}, procs["f16"]
+    """(type -> folder of the exported adapters, what the f16 export wrote to stderr)."""
+    def build(out):
+        for t in ("f16", "f32"):
+            proc = run_script("export_adapters.py", "--base", base[0], "--checkpoints-dir", checkpoints, "--out-dir",
+                              out / t, "--outtype", t, "--log", out / "convert.log")
+            (out / f"{t}.stderr").write_text(proc.stderr)
+    out = shared_folder(tmp_path_factory, "adapters-exported", build)
+    return {t: out / t for t in ("f16", "f32")}, (out / "f16.stderr").read_text()
 
 
 @needs_llama_source
 def test_export_writes_what_llama_cpp_can_apply_and_names_the_rest(exported):
-    folders, proc = exported
+    folders, stderr = exported
     out = folders["f16"]
     assert sorted(p.name for p in out.iterdir()) == ["alpha.gguf", "beta.gguf"]
-    reasons = {line.split(":")[0]: line for line in proc.stderr.splitlines() if ": skipped: " in line}
-    assert sorted(reasons) == ["dora", "embedding", "head"], proc.stderr
+    reasons = {line.split(":")[0]: line for line in stderr.splitlines() if ": skipped: " in line}
+    assert sorted(reasons) == ["dora", "embedding", "head"], stderr
     assert "DoRA" in reasons["dora"] and "modules_to_save" in reasons["head"] and "embedding" in reasons["embedding"]
     assert all("make CHECKPOINT=" in line for line in reasons.values())
 
@@ -151,14 +156,13 @@ def assert_same_greedy(got: list[dict], want: list[dict], what: str, tol: float 
 @pytest.fixture(scope="module")
 def merged(base, checkpoints, tmp_path_factory):
     """(name, type) -> the GGUF of the base merged with that adapter (merge_gguf.py, the default merge)."""
-    tmp = tmp_path_factory.mktemp("merged")
-    files = {}
-    for name in ("alpha", "beta"):
-        for outtype in ("f16", "f32"):
-            files[name, outtype] = tmp / f"{name}.{outtype}.gguf"
+    def build(tmp):
+        for name, outtype in KINDS:
             run_script("merge_gguf.py", "--base", base[0], "--checkpoints-dir", checkpoints, "--checkpoint", name,
-                       "--quant", outtype, "--out", files[name, outtype], "--log", tmp / "convert.log")
-    return files
+                       "--quant", outtype, "--out", tmp / f"{name}.{outtype}.gguf", "--log", tmp / "convert.log")
+    KINDS = [(name, outtype) for name in ("alpha", "beta") for outtype in ("f16", "f32")]
+    tmp = shared_folder(tmp_path_factory, "adapters-merged", build)
+    return {(name, outtype): tmp / f"{name}.{outtype}.gguf" for name, outtype in KINDS}
 
 
 @needs_llama_cpp
