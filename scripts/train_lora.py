@@ -94,7 +94,7 @@ RECIPES = {
     "seed": dict(load="nf4", batch_size=12, grad_accum=2, seq_len=512, lr=1e-4, steps=500, optim="paged_adamw_8bit",
                  gradient_checkpointing=True, compile=True),
     # the same global batch, lr and LoRA, several times faster where the 16-bit base fits in GPU memory
-    # (8B: ~35 GiB): no nf4 dequantization in every matmul, no recomputed forward pass, compiled layers
+    # (8B: ~32 GiB): no nf4 dequantization in every matmul, no recomputed forward pass, compiled layers
     "fast": dict(load="bf16", batch_size=6, grad_accum=4, seq_len=512, lr=1e-4, steps=500, optim="adamw",
                  gradient_checkpointing=False, compile=True),
 }
@@ -194,7 +194,7 @@ def load_model(args, device):
         if args.upcast_fp32:
             # PEFT's usual QLoRA preparation (the seed's): every parameter that is not 4-bit in fp32 (the norms,
             # the embeddings, the 128k-row lm_head), so lm_head runs as an fp32 matmul and the residual stream
-            # in fp32 between the norms: about 2x slower and 2 GB more on an 8B (make bench-train)
+            # in fp32 between the norms: 1.65x slower and 2.7 GiB more on an 8B (make bench-train, H200)
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing,
                                                     gradient_checkpointing_kwargs=ckpt_kwargs)
     else:
