@@ -50,12 +50,11 @@ EVAL_ARGS        ?=
 BENCH_MODEL      ?= default
 BENCH_ADAPTERS   ?=
 PYTEST_ARGS      ?=
-TEST_WORKERS     ?= 2
 PIPELINE_JOBS    ?= 3
 
 HELP_VARS := BASE_MODEL CHECKPOINTS_DIR CHECKPOINT DATASET GUTENBERG_TXT QUANT MERGE_METHOD HOST PORT API_KEY ALLOW_NO_KEY ENGINE \
   GPU_LAYERS CTX_SIZE PARALLEL BACKEND_SAMPLING CACHE_RAM SERVER_ARGS PROMPT OUT VENV TORCH_SPEC LLAMA_CPP_COMMIT LLAMA_CPP_REPO LLAMA_BACKEND \
-  LLAMAFILE_VERSION LLAMAFILE_SHA256 PIPELINE_JOBS DEMO_STEPS TRAIN_STEPS RECIPE NPROC TRAIN_ARGS RUN_NAME EVAL_EVERY SAVE_EVERY LOAD MODEL GENERATE_ARGS EVAL_ARGS MODELS COMPARE_ARGS KEEP_MERGED BENCH_MODEL BENCH_ADAPTERS TEST_WORKERS
+  LLAMAFILE_VERSION LLAMAFILE_SHA256 PIPELINE_JOBS DEMO_STEPS TRAIN_STEPS RECIPE NPROC TRAIN_ARGS RUN_NAME EVAL_EVERY SAVE_EVERY LOAD MODEL GENERATE_ARGS EVAL_ARGS MODELS COMPARE_ARGS KEEP_MERGED BENCH_MODEL BENCH_ADAPTERS
 
 # Plain `make` (and `make test`) runs independent stages at once: the llama.cpp build (which needs no Python
 # packages) goes on beside the install, the base model and the demo training, so the build is most of the wait.
@@ -324,8 +323,7 @@ eval: $(BASE_DIR)/config.json $(CHECKPOINT_FILES) | $(LLAMA_BIN)/llama-server $(
 # ---- checks and housekeeping ----
 # Two pytest runs side by side (each in its own temporary folder; make prints their output line by line): the
 # tests that need no llama.cpp build (some need its source) start while it builds, the rest (marked llama_cpp in
-# tests/) once it is there, in TEST_WORKERS processes (pytest-xdist, a test file per process): after the first
-# run ends, one process alone left a core idle.
+# tests/) once it is there.
 # tests/ fixtures that both runs need are built once, by the first run to ask, in TEST_SHARED (emptied first).
 TEST_SHARED := $(abspath $(OUT))/pytest/shared
 test: test-without-llama-cpp test-llama-cpp ## run the test suite (tests/): what needs no llama.cpp build runs while it builds
@@ -334,7 +332,7 @@ test-without-llama-cpp: $(STAMP) $(LLAMA_SRC) | test-shared-reset
 	  --basetemp=$(OUT)/pytest/without-llama-cpp $(PYTEST_ARGS)
 test-llama-cpp: $(STAMP) $(LLAMA_BIN)/llama-server | test-shared-reset
 	LORA_SHIP_TEST_SHARED=$(TEST_SHARED) $(PY) -m pytest tests -m llama_cpp --basetemp=$(OUT)/pytest/llama-cpp \
-	  -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	  $(PYTEST_ARGS)
 test-shared-reset:
 	@rm -rf $(TEST_SHARED) && mkdir -p $(TEST_SHARED)
 
