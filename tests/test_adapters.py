@@ -24,12 +24,12 @@ PROMPT = list(range(200, 232))  # token ids: the same prompt for every server
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    """(folder,): a tiny Llama with the real Llama 2 tokenizer and room for long requests."""
+    """The folder of a tiny Llama with the real Llama 2 tokenizer and room for long requests."""
     def build(folder):
         model, _ = make_tiny_llama(folder, "spm", seed=3)
         model.config.max_position_embeddings = 32768  # room for a request that is still generating a while later
         model.save_pretrained(folder, safe_serialization=True)
-    return (shared_folder(tmp_path_factory, "adapters-base", build),)
+    return shared_folder(tmp_path_factory, "adapters-base", build)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def base_gguf(base, tmp_path_factory):
     tiny model's near-ties)."""
     def build(out):
         for outtype in ("f16", "f32"):
-            run_script("convert_gguf.py", "--model", base[0], "--quant", outtype, "--out",
+            run_script("convert_gguf.py", "--model", base, "--quant", outtype, "--out",
                        out / f"base.{outtype}.gguf", "--log", out / "c.log")
     out = shared_folder(tmp_path_factory, "adapters-base-gguf", build)
     return {t: out / f"base.{t}.gguf" for t in ("f16", "f32")}
@@ -50,7 +50,7 @@ def checkpoints(base, tmp_path_factory):
     rsLoRA and rank and alpha patterns, so the scale differs per module) and three it cannot."""
     def build(folder):
         from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained(base[0])
+        model = AutoModelForCausalLM.from_pretrained(base)
         make_adapter(model, folder / "alpha", seed=1)
         make_adapter(model, folder / "beta", seed=2, r=8, lora_alpha=16, use_rslora=True, target_modules=ALL_LINEAR,
                      rank_pattern={"down_proj": 2}, alpha_pattern={"o_proj": 3})
@@ -65,7 +65,7 @@ def exported(base, checkpoints, tmp_path_factory):
     """(type -> folder of the exported adapters, what the f16 export wrote to stderr)."""
     def build(out):
         for t in ("f16", "f32"):
-            proc = run_script("export_adapters.py", "--base", base[0], "--checkpoints-dir", checkpoints, "--out-dir",
+            proc = run_script("export_adapters.py", "--base", base, "--checkpoints-dir", checkpoints, "--out-dir",
                               out / t, "--outtype", t, "--log", out / "convert.log")
             (out / f"{t}.stderr").write_text(proc.stderr)
     out = shared_folder(tmp_path_factory, "adapters-exported", build)
@@ -96,7 +96,7 @@ def test_export_again_keeps_fresh_files_and_drops_those_of_removed_checkpoints(b
     for name in ("alpha", "beta"):
         shutil.copytree(checkpoints / name, ckpts / name)
     out = tmp_path / "adapters"
-    args = ("--base", base[0], "--checkpoints-dir", ckpts, "--out-dir", out, "--log", tmp_path / "convert.log")
+    args = ("--base", base, "--checkpoints-dir", ckpts, "--out-dir", out, "--log", tmp_path / "convert.log")
     run_script("export_adapters.py", *args)
     first = (out / "alpha.gguf").stat().st_mtime_ns
     shutil.rmtree(ckpts / "beta")
@@ -110,7 +110,7 @@ def test_export_takes_a_trainer_folders_latest_checkpoint(base, checkpoints, tmp
     ckpts = tmp_path / "ckpts"
     shutil.copytree(checkpoints / "alpha", ckpts / "run" / "checkpoint-5")
     shutil.copytree(checkpoints / "beta", ckpts / "run" / "checkpoint-10")
-    proc = run_script("export_adapters.py", "--base", base[0], "--checkpoints-dir", ckpts, "--out-dir",
+    proc = run_script("export_adapters.py", "--base", base, "--checkpoints-dir", ckpts, "--out-dir",
                       tmp_path / "adapters", "--log", tmp_path / "convert.log")
     assert "using the latest, checkpoint-10" in proc.stderr
     assert "run: 14 LoRA modules" in proc.stdout  # beta's 7 modules in 2 layers, not alpha's 4
@@ -121,7 +121,7 @@ def test_export_takes_a_trainer_folders_latest_checkpoint(base, checkpoints, tmp
 def test_export_of_nothing_servable_is_one_error(base, checkpoints, tmp_path):
     ckpts = tmp_path / "ckpts"
     shutil.copytree(checkpoints / "dora", ckpts / "dora")
-    proc = run_script("export_adapters.py", "--base", base[0], "--checkpoints-dir", ckpts, "--out-dir",
+    proc = run_script("export_adapters.py", "--base", base, "--checkpoints-dir", ckpts, "--out-dir",
                       tmp_path / "adapters", check=False)
     assert proc.returncode == 1
     assert error_line(proc) == ("export_adapters.py: error: none of the 1 checkpoint(s) can be served unmerged "
@@ -158,7 +158,7 @@ def merged(base, checkpoints, tmp_path_factory):
     """(name, type) -> the GGUF of the base merged with that adapter (merge_gguf.py, the default merge)."""
     def build(tmp):
         for name, outtype in KINDS:
-            run_script("merge_gguf.py", "--base", base[0], "--checkpoints-dir", checkpoints, "--checkpoint", name,
+            run_script("merge_gguf.py", "--base", base, "--checkpoints-dir", checkpoints, "--checkpoint", name,
                        "--quant", outtype, "--out", tmp / f"{name}.{outtype}.gguf", "--log", tmp / "convert.log")
     KINDS = [(name, outtype) for name in ("alpha", "beta") for outtype in ("f16", "f32")]
     tmp = shared_folder(tmp_path_factory, "adapters-merged", build)
@@ -246,7 +246,7 @@ def test_adapter_added_while_serving_goes_online_without_waiting_for_requests_in
     of an idle 2-core box: about a minute) and is cut off by the client once beta has answered."""
     ckpts, adapters = tmp_path / "ckpts", tmp_path / "adapters"
     shutil.copytree(checkpoints / "alpha", ckpts / "alpha")
-    export = ("--base", base[0], "--checkpoints-dir", ckpts, "--out-dir", adapters, "--log", tmp_path / "c.log")
+    export = ("--base", base, "--checkpoints-dir", ckpts, "--out-dir", adapters, "--log", tmp_path / "c.log")
     run_script("export_adapters.py", *export)
     port = free_port()
     serve = ("--adapters", adapters, "--alias", "tiny", "--ctx-size", "32768")
