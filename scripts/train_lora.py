@@ -100,6 +100,10 @@ RECIPES = {
 }
 
 
+# --kernels: the package each choice needs (neither is in requirements: make bench-train's peers)
+KERNEL_PACKAGES = {"liger": "liger_kernel", "unsloth": "unsloth"}
+
+
 def resume_dir(out: Path) -> Path:
     return out.with_name(f".{out.name}.resume")
 
@@ -316,7 +320,7 @@ def parse_args():
         raise UserError("--load nf4 (the seed recipe) needs a CUDA GPU; on CPU use --recipe cpu")
     if args.kernels != "torch":
         import importlib.util
-        package = {"liger": "liger_kernel"}.get(args.kernels, args.kernels)
+        package = KERNEL_PACKAGES[args.kernels]
         if not torch.cuda.is_available():
             raise UserError(f"--kernels {args.kernels} needs a CUDA GPU")
         if importlib.util.find_spec(package) is None:

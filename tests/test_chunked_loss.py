@@ -27,7 +27,7 @@ def batch():
     labels = ids.clone()
     labels[:, :4] = -100  # the prompt
     labels[2, 8:] = -100  # padding at the end of the last row
-    mask = (labels[:, :] != -100) | (torch.arange(11) < 4)
+    mask = (labels != -100) | (torch.arange(11) < 4)
     return ids, labels, mask.long()
 
 

@@ -19,8 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # scripts/, for lib
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # scripts/, for lib and train_lora
 from lib.common import ROOT, UserError, log, run_main  # noqa: E402
+from train_lora import KERNEL_PACKAGES  # noqa: E402
 
 # name -> (what changes from the line above it, train_lora.py flags)
 GPU_VARIANTS = {
@@ -50,7 +51,7 @@ GPU_VARIANTS = {
                       ["--recipe", "seed", "--kernels", "unsloth", "--dropout", "0", "--batch-size", "6",
                        "--grad-accum", "4"]),
 }
-PEER_PACKAGES = {"liger": "liger_kernel", "unsloth": "unsloth"}  # variant-name prefix -> package it needs
+CPU_VARIANTS = {"cpu": ("plain LoRA on the fp32 base (the CPU demo recipe)", ["--recipe", "cpu"])}
 # dense bf16 matrix peak of the GPU, TFLOP/s (vendor datasheets, SXM parts), for the utilisation figure
 BF16_PEAK_TFLOPS = {"H100": 989.5, "H200": 989.5, "A100": 312.0}
 
@@ -64,7 +65,6 @@ def flops_per_token(cfg: dict, seq_len: float) -> float:
     q, kv = cfg["num_attention_heads"] * head, cfg.get("num_key_value_heads", cfg["num_attention_heads"]) * head
     linear = layers * (h * q + 2 * h * kv + q * h + 3 * h * f) + h * cfg["vocab_size"]
     return 4 * linear + 6 * layers * seq_len * q
-CPU_VARIANTS = {"cpu": ("plain LoRA on the fp32 base (the CPU demo recipe)", ["--recipe", "cpu"])}
 
 
 def main() -> None:
@@ -84,8 +84,9 @@ def main() -> None:
     names = [v for v in args.variants.split(",") if v] or list(GPU_VARIANTS if gpu else CPU_VARIANTS)
     if unknown := [n for n in names if n not in table]:
         raise UserError(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(table)}")
-    missing = {n: pkg for n in names for prefix, pkg in PEER_PACKAGES.items()
-               if n.startswith(prefix) and importlib.util.find_spec(pkg) is None}
+    needs = {n: KERNEL_PACKAGES[flags[flags.index("--kernels") + 1]] for n in names
+             for flags in [table[n][1]] if "--kernels" in flags}
+    missing = {n: pkg for n, pkg in needs.items() if importlib.util.find_spec(pkg) is None}
     if not gpu and any(n in GPU_VARIANTS for n in names):
         raise UserError("all variants but cpu need a CUDA GPU; here only --variants cpu runs")
     work = args.workdir
