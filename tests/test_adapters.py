@@ -4,6 +4,7 @@ the same batches (0011), against the merged GGUF of the same adapter."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import threading
@@ -200,16 +201,20 @@ def kl_to_merged(base: Path, adapter: Path, merged_gguf: Path, tmp: Path) -> dic
     kld = tmp / "merged.kld"
     run = lambda *a: subprocess.run(list(map(str, [tool, *a, *common])), capture_output=True, text=True, check=True)  # noqa: E731
     run("-m", merged_gguf, "--kl-divergence-base", kld)
-    out = run("-m", base, "--lora", adapter, "--kl-divergence-base", kld, "--kl-divergence")
-    return parse_perplexity(out.stdout + out.stderr)
+    out = run("-m", base, "--lora", adapter, "--kl-divergence-base", kld, "--kl-divergence", "-lv", "4")  # info lines
+    groups = re.search(r"(\d+) LoRA groups", out.stdout + out.stderr)  # patch 0013: weights sharing an input
+    return {**parse_perplexity(out.stdout + out.stderr), "lora_groups": int(groups[1]) if groups else 0}
 
 
 @needs_llama_cpp
 @pytest.mark.parametrize("name", ["alpha", "beta"])
 def test_unmerged_adapter_distributions_equal_the_merged_gguf(base_gguf, exported, merged, name, tmp_path):
-    """f16 base + f16 adapter against the merged f16 GGUF: full next-token distributions over 256 positions."""
+    """f16 base + f16 adapter against the merged f16 GGUF: full next-token distributions over 256 positions.
+    alpha's q and v read one input and have one rank: applied as one group a layer (patch 0013)."""
     result = kl_to_merged(base_gguf["f16"], exported[0]["f16"] / f"{name}.gguf", merged[name, "f16"], tmp_path)
     assert result["kl"] <= 1e-4 and result["top1"] >= 0.98, result
+    if name == "alpha":
+        assert result["lora_groups"] == 2, result  # the tiny base's two layers
 
 
 @needs_llama_cpp
