@@ -37,7 +37,6 @@ LLAMA_CPP_REPO   ?= https://github.com/ggml-org/llama.cpp
 LLAMA_BACKEND    ?= auto
 LLAMAFILE_VERSION ?= 0.9.3
 LLAMAFILE_SHA256 ?=
-DEMO_STEPS       ?= 20
 TRAIN_STEPS      ?=
 RECIPE           ?= auto
 NPROC            ?= 1
@@ -54,10 +53,10 @@ PIPELINE_JOBS    ?= 3
 
 HELP_VARS := BASE_MODEL CHECKPOINTS_DIR CHECKPOINT DATASET GUTENBERG_TXT QUANT MERGE_METHOD HOST PORT API_KEY ALLOW_NO_KEY ENGINE \
   GPU_LAYERS CTX_SIZE PARALLEL BACKEND_SAMPLING CACHE_RAM SERVER_ARGS PROMPT OUT VENV TORCH_SPEC LLAMA_CPP_COMMIT LLAMA_CPP_REPO LLAMA_BACKEND \
-  LLAMAFILE_VERSION LLAMAFILE_SHA256 PIPELINE_JOBS DEMO_STEPS TRAIN_STEPS RECIPE NPROC TRAIN_ARGS RUN_NAME EVAL_EVERY SAVE_EVERY LOAD MODEL GENERATE_ARGS EVAL_ARGS MODELS COMPARE_ARGS KEEP_MERGED BENCH_MODEL BENCH_ADAPTERS
+  LLAMAFILE_VERSION LLAMAFILE_SHA256 PIPELINE_JOBS TRAIN_STEPS RECIPE NPROC TRAIN_ARGS RUN_NAME EVAL_EVERY SAVE_EVERY LOAD MODEL GENERATE_ARGS EVAL_ARGS MODELS COMPARE_ARGS KEEP_MERGED BENCH_MODEL BENCH_ADAPTERS
 
 # Plain `make` (and `make test`) runs independent stages at once: the llama.cpp build (which needs no Python
-# packages) goes on beside the install, the base model and the demo training, so the build is most of the wait.
+# packages) goes on beside the install and the base model, so the build is most of the wait.
 # Other targets run one step at a time unless given -j. After an error, make still waits for the jobs already running.
 # The input checks still come first: in `make` the quick one (system Python, a second) before the install, the
 # llama.cpp source and build start, the full one (the adapter's fit, the tokenizer files) before the base.
@@ -97,7 +96,7 @@ GGUF      := $(OUT)/model.$(QUANT).gguf
 PID_FILE  := $(OUT)/server.pid
 ADAPTERS_DIR := $(OUT)/adapters
 BASE_GGUF := $(OUT)/base.$(QUANT).gguf
-DEMO_CKPT := $(OUT)/demo-checkpoint
+DEMO_CKPT := quantization/demo-checkpoint
 
 ifeq ($(BASE_MODEL),smollm2)
   BASE_DIR := $(OUT)/base/smollm2
@@ -107,7 +106,8 @@ else
   BASE_DIR := $(OUT)/base/$(subst /,--,$(BASE_MODEL))
 endif
 
-# The user's checkpoints; with none and the embedded base, a small demo adapter is trained instead.
+# The user's checkpoints; with none and the embedded base, the shipped demo adapter (a 20-step LoRA on the Grimm
+# tales, made by `make train`: quantization/demo-checkpoint/README.md).
 USER_CHECKPOINTS := $(filter-out %README.md,$(wildcard $(CHECKPOINTS_DIR)/*))
 CHECKPOINT_FILES := $(wildcard $(CHECKPOINTS_DIR)/*/adapter_* $(CHECKPOINTS_DIR)/*/*/adapter_* \
                       $(CHECKPOINT)/adapter_* $(CHECKPOINTS_DIR)/$(CHECKPOINT)/adapter_*)
@@ -159,8 +159,7 @@ write-if-changed = @mkdir -p $(@D); echo '$(1)' | cmp -s - $@ || echo '$(1)' > $
 
 # ---- inputs ----
 # QUANT, BASE_MODEL, the checkpoint and its fit to the base, checked in seconds before the long steps: in `make`
-# once the venv is in (the quick part, which needs none, ran first); the base, the demo training and the merge wait
-# for it
+# once the venv is in (the quick part, which needs none, ran first); the base and the merge wait for it
 check: | $(STAMP) ## check QUANT, BASE_MODEL, CHECKPOINT, the adapter's config, its fit to the base and the tokenizer files
 	@$(PY) scripts/check_inputs.py --quant "$(QUANT)" --base-model "$(BASE_MODEL)" $(MERGE_ARGS)
 quick-check:
@@ -199,13 +198,6 @@ $(BASE_DIR)/config.json: | $(STAMP) $(AFTER_CHECK)
 	$(call stage-start,base,$(BASE_MODEL) as a Hugging Face folder)
 	$(PY) scripts/prepare_base.py --base-model "$(BASE_MODEL)" --out $(BASE_DIR) --cache $(OUT)/cache
 	$(call stage-end,base)
-
-$(DEMO_CKPT)/adapter_config.json: $(BASE_DIR)/config.json $(DATASET) | $(STAMP) check
-	$(call stage-start,demo-adapter,no checkpoint in $(CHECKPOINTS_DIR)/: training a small demo LoRA on the Grimm tales)
-	@echo ">>> ($(DEMO_STEPS) steps; 20 take about 3 minutes on 2 cores). To merge your own, copy its folder"
-	@echo ">>> (adapter_config.json + adapter_model.safetensors) into $(CHECKPOINTS_DIR)/ and run make again."
-	$(PY) scripts/train_lora.py --base $(BASE_DIR) --dataset $(DATASET) --out $(DEMO_CKPT) --steps $(DEMO_STEPS)
-	$(call stage-end,demo-adapter)
 
 data: | $(STAMP) ## build out/data/grimm_stories.jsonl from Gutenberg #2591 (sha256-checked; GUTENBERG_TXT=local copy offline)
 	$(PY) scripts/make_data.py --source "$(GUTENBERG_TXT)" --out $(OUT)/data/grimm_stories.jsonl

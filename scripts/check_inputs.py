@@ -42,46 +42,37 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="only what needs no installed package (no fit, no tokenizer)")
     args = p.parse_args()
 
-    from lib.checkpoints import candidates, read_adapter_config, select_checkpoint
+    from lib.checkpoints import read_adapter_config, select_checkpoint
     from lib.common import check_base_model
     from lib.merge import check_adapter_config
     from lib.quants import quant_key
 
     quant = quant_key(args.quant)
     check_base_model(args.base_model)
-    # with no checkpoint given and no demo adapter yet, `make` trains the demo adapter later: nothing to check
-    no_user_checkpoint = not args.checkpoint and (not args.checkpoints_dir.is_dir()
-                                                  or not candidates(args.checkpoints_dir))
-    demo_pending = (no_user_checkpoint and args.fallback is not None
-                    and not (args.fallback / "adapter_config.json").exists())
-    ckpt = None if demo_pending else select_checkpoint(args.checkpoints_dir, args.checkpoint, args.fallback)
+    ckpt = select_checkpoint(args.checkpoints_dir, args.checkpoint, args.fallback)
     base = args.base if (args.base / "config.json").exists() else None
-    if ckpt is not None:
-        cfg = read_adapter_config(ckpt)
-        check_adapter_config(cfg)
+    cfg = read_adapter_config(ckpt)
+    check_adapter_config(cfg)
     if args.quick:
         return
     # the fit and the tokenizer files: torch, safetensors, sentencepiece and tokenizers from the venv
     from lib.merge import check_tokenizer, parse_adapter, plan_merge, recorded_base_differs, tokenizer_source
     from lib.tensor_io import CheckpointReader
 
-    if ckpt is not None:
-        if base is not None:
-            pairs, replace = parse_adapter(adapter_shapes(ckpt), cfg)
-            base_cfg = json.loads((base / "config.json").read_text())
-            plan_merge(CheckpointReader(base), pairs, replace, cfg, base_cfg, None)
-            if warning := recorded_base_differs(cfg, base):
-                print(warning, file=sys.stderr)
     if base is not None:
-        check_tokenizer(tokenizer_source(base, ckpt) if ckpt is not None else base)
-    elif ckpt is not None and (ckpt / "tokenizer_config.json").exists():
+        pairs, replace = parse_adapter(adapter_shapes(ckpt), cfg)
+        base_cfg = json.loads((base / "config.json").read_text())
+        plan_merge(CheckpointReader(base), pairs, replace, cfg, base_cfg, None)
+        if warning := recorded_base_differs(cfg, base):
+            print(warning, file=sys.stderr)
+        check_tokenizer(tokenizer_source(base, ckpt))
+    elif (ckpt / "tokenizer_config.json").exists():
         check_tokenizer(ckpt)
-    if ckpt is None:
-        note = "the demo adapter, trained later"
-    elif base is None:
-        note = f"{ckpt} (its fit is checked once the base is on disk)"
+    demo = " (the shipped demo adapter: no checkpoint of yours was found)" if ckpt == args.fallback else ""
+    if base is None:
+        note = f"{ckpt}{demo} (its fit is checked once the base is on disk)"
     else:
-        note = f"{ckpt}, fits {base}"
+        note = f"{ckpt}{demo}, fits {base}"
     log(f"inputs ok: QUANT={quant}, BASE_MODEL={args.base_model}, checkpoint {note}")
 
 

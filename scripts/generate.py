@@ -2,8 +2,8 @@
 """Generate text with Hugging Face Transformers from any stage's model, streaming tokens as they come.
 
   generate.py --model out/merged --load nf4 --prompt "Tell me a fairy tale"
-  generate.py --model out/base/smollm2 --adapter out/demo-checkpoint      (base + adapter, unmerged)
-  generate.py --model out/model.q8_0.gguf                                 (the GGUF, with llama-cpp-python)
+  generate.py --model out/base/smollm2 --adapter quantization/demo-checkpoint   (base + adapter, unmerged)
+  generate.py --model out/model.q8_0.gguf                                    (the GGUF, with llama-cpp-python)
 
 --load nf4 (4-bit NormalFloat with double quantization, bf16 compute) or int8 go through BitsAndBytes;
 16bit loads bf16. The model's chat template is applied when it has one. Sampling knobs follow seed 000,

@@ -26,11 +26,10 @@ def make(*args, timeout=1800):
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
-    """One `make` on a fresh output folder (demo adapter, merge, q8_0, server in the background)."""
+    """One `make` on a fresh output folder (the shipped demo adapter, merge, q8_0, server in the background)."""
     out = tmp_path_factory.mktemp("make") / "out"
     port = free_port()
-    dataset = os.environ.get("DATASET", "data/grimm_stories.jsonl")
-    args = [f"OUT={out}", f"PORT={port}", f"DATASET={dataset}", "DEMO_STEPS=14"]
+    args = [f"OUT={out}", f"PORT={port}"]
     proc = make(*args)
     try:
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -41,13 +40,12 @@ def default_run(tmp_path_factory):
 
 def test_make_serves_the_merged_model(default_run):
     out, port, _, proc = default_run
-    assert "demo-adapter: no checkpoint in" in proc.stdout
+    assert "quantization/demo-checkpoint (the shipped demo adapter" in proc.stdout
     summary = proc.stdout.split(">>> stage times:")[1]  # each stage's start line, its time, then all in the summary
-    for stage in ("base", "demo-adapter", "merge", "serve"):
+    for stage in ("base", "merge", "serve"):
         assert f">>> {stage}: " in proc.stdout and f">>> {stage}: done in " in proc.stdout
         assert re.search(rf"^    {stage} +\d+m\d\ds$", summary, re.M), summary
     assert re.search(r"^>>> make in \d+m\d\ds", summary, re.M)
-    assert (out / "demo-checkpoint" / "adapter_model.safetensors").exists()
     assert (out / "model.q8_0.gguf").exists()
     assert not (out / "merged").exists()  # merged straight into the GGUF: no 16-bit copy on disk
     url = f"http://127.0.0.1:{port}"

@@ -317,9 +317,15 @@ def test_check_passes_a_fitting_adapter_and_refuses_what_the_merge_would(tiny_sp
 
 
 def test_check_names_the_demo_adapter_when_none_is_given(tiny_spm, tmp_path):
+    """No checkpoint of the user's: the fallback (make's shipped demo adapter) is checked and named as such."""
+    base_dir, base_model, _ = tiny_spm
+    make_adapter(base_model, tmp_path / "demo")
     (tmp_path / "ckpts").mkdir()
-    proc = check(tmp_path / "not-yet", tmp_path / "ckpts", "--fallback", tmp_path / "demo", base_model="smollm2")
-    assert proc.returncode == 0 and "the demo adapter, trained later" in proc.stdout, proc.stderr
+    proc = check(base_dir, tmp_path / "ckpts", "--fallback", tmp_path / "demo")
+    assert proc.returncode == 0 and "the shipped demo adapter" in proc.stdout, proc.stderr
+    make_adapter(base_model, tmp_path / "ckpts" / "mine")
+    proc = check(base_dir, tmp_path / "ckpts", "--fallback", tmp_path / "demo")
+    assert proc.returncode == 0 and "mine, fits" in proc.stdout and "shipped" not in proc.stdout, proc.stderr
 
 
 @pytest.mark.parametrize("where", ["checkpoint", "base"])

@@ -40,7 +40,7 @@ def timed(cmd: list[str], logpath: Path) -> tuple[float, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", type=Path, default=ROOT / "out" / "base" / "smollm2", help="base model folder")
-    add_checkpoint_args(p, ROOT / "quantization" / "checkpoints", ROOT / "out" / "demo-checkpoint")
+    add_checkpoint_args(p, ROOT / "quantization" / "checkpoints", ROOT / "quantization" / "demo-checkpoint")
     p.add_argument("--model", choices=["default", "8b-random"], default="default",
                    help="8b-random: a random Llama-3.1-8B-shaped base and seed-style adapter, built in --workdir "
                         "(the --base folder lends its tokenizer)")
