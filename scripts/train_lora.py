@@ -165,9 +165,18 @@ class Distributed:
         if self.world > 1:
             torch.distributed.barrier()
 
-    def close(self) -> None:
+    def finish(self) -> None:
+        """The last step of every process: the others wait until the main one has written the checkpoint, then
+        all leave the process group. The wait goes through the launcher's key-value store, not a collective: a
+        gloo barrier that the main process completes and tears down at once can leave another process waiting
+        forever for its message (seen once in CI: the checkpoint written, torchrun never done)."""
         import torch
         if self.world > 1:
+            store = torch.distributed.distributed_c10d._get_default_store()
+            if self.main:
+                store.set("lora_ship_checkpoint_written", "1")
+            else:
+                store.wait(["lora_ship_checkpoint_written"])
             torch.distributed.destroy_process_group()
 
 
@@ -441,8 +450,7 @@ def main() -> None:
         steady = (t0, tokens0)
     rate = (tokens - steady[1]) / (time.perf_counter() - steady[0])
     if not dist.main:
-        dist.barrier()
-        dist.close()
+        dist.finish()
         return
     end_eval = eval_loss(model, held, pad_id, args.batch_size, dist.device)
     metrics = {"recipe": args.recipe, "steps": args.steps, "train_loss_first": losses[0],
@@ -464,8 +472,7 @@ def main() -> None:
     log(f"checkpoint written to {args.out}: loss {losses[0]:.3f} -> {losses[-1]:.3f}, eval "
         f"{start_eval if start_eval is None else round(start_eval, 3)} -> "
         f"{end_eval if end_eval is None else round(end_eval, 3)}, {seconds:.0f} s, {rate:.0f} tokens/s")
-    dist.barrier()
-    dist.close()
+    dist.finish()
 
 
 if __name__ == "__main__":
