@@ -107,12 +107,12 @@ else
 endif
 
 # The user's checkpoints; with none and the embedded base, the shipped demo adapter (a 20-step LoRA on the Grimm
-# tales, made by `make train`: quantization/demo-checkpoint/README.md).
+# tales, made by `make train`: quantization/demo-checkpoint/README.md), where it is there (else the check's error).
 USER_CHECKPOINTS := $(filter-out %README.md,$(wildcard $(CHECKPOINTS_DIR)/*))
 CHECKPOINT_FILES := $(wildcard $(CHECKPOINTS_DIR)/*/adapter_* $(CHECKPOINTS_DIR)/*/*/adapter_* \
                       $(CHECKPOINT)/adapter_* $(CHECKPOINTS_DIR)/$(CHECKPOINT)/adapter_*)
 ifeq ($(strip $(USER_CHECKPOINTS)$(CHECKPOINT)),)
-  ifeq ($(BASE_MODEL),smollm2)
+  ifeq ($(BASE_MODEL)$(wildcard $(DEMO_CKPT)/adapter_config.json),smollm2$(DEMO_CKPT)/adapter_config.json)
     CHECKPOINT_FILES := $(DEMO_CKPT)/adapter_config.json
     FALLBACK_ARG := --fallback $(DEMO_CKPT)
   endif
