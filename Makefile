@@ -112,9 +112,11 @@ USER_CHECKPOINTS := $(filter-out %README.md,$(wildcard $(CHECKPOINTS_DIR)/*))
 CHECKPOINT_FILES := $(wildcard $(CHECKPOINTS_DIR)/*/adapter_* $(CHECKPOINTS_DIR)/*/*/adapter_* \
                       $(CHECKPOINT)/adapter_* $(CHECKPOINTS_DIR)/$(CHECKPOINT)/adapter_*)
 ifeq ($(strip $(USER_CHECKPOINTS)$(CHECKPOINT)),)
-  ifeq ($(BASE_MODEL)$(wildcard $(DEMO_CKPT)/adapter_config.json),smollm2$(DEMO_CKPT)/adapter_config.json)
-    CHECKPOINT_FILES := $(DEMO_CKPT)/adapter_config.json
-    FALLBACK_ARG := --fallback $(DEMO_CKPT)
+  ifeq ($(BASE_MODEL),smollm2)
+    ifneq ($(wildcard $(DEMO_CKPT)/adapter_config.json),)
+      CHECKPOINT_FILES := $(DEMO_CKPT)/adapter_config.json
+      FALLBACK_ARG := --fallback $(DEMO_CKPT)
+    endif
   endif
 endif
 MERGE_INPUTS := $(BASE_DIR) $(CHECKPOINT) $(MERGE_METHOD) $(sort $(USER_CHECKPOINTS)) $(FALLBACK_ARG)

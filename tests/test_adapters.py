@@ -202,8 +202,9 @@ def kl_to_merged(base: Path, adapter: Path, merged_gguf: Path, tmp: Path) -> dic
     run = lambda *a: subprocess.run(list(map(str, [tool, *a, *common])), capture_output=True, text=True, check=True)  # noqa: E731
     run("-m", merged_gguf, "--kl-divergence-base", kld)
     out = run("-m", base, "--lora", adapter, "--kl-divergence-base", kld, "--kl-divergence", "-lv", "4")  # info lines
-    groups = re.search(r"(\d+) LoRA groups", out.stdout + out.stderr)  # patch 0013: weights sharing an input
-    return {**parse_perplexity(out.stdout + out.stderr), "lora_groups": int(groups[1]) if groups else 0}
+    text = out.stdout + out.stderr
+    groups = re.search(r"(\d+) LoRA groups", text)  # patch 0013: weights sharing an input
+    return {**parse_perplexity(text), "lora_groups": int(groups[1]) if groups else 0}
 
 
 @needs_llama_cpp
