@@ -319,10 +319,12 @@ eval: $(BASE_DIR)/config.json $(CHECKPOINT_FILES) | $(LLAMA_BIN)/llama-server $(
 # tests that need no llama.cpp build (some need its source) start while it builds, the rest (marked llama_cpp in
 # tests/) once it is there.
 # tests/ fixtures that both runs need are built once, by the first run to ask, in TEST_SHARED (emptied first).
+# The first run is niced: the build and then the second run are the longer path, so they get the cores first
+# and the first run fills the gaps they leave.
 TEST_SHARED := $(abspath $(OUT))/pytest/shared
 test: test-without-llama-cpp test-llama-cpp ## run the test suite (tests/): what needs no llama.cpp build runs while it builds
 test-without-llama-cpp: $(STAMP) $(LLAMA_SRC) | test-shared-reset
-	LORA_SHIP_TEST_SHARED=$(TEST_SHARED) $(PY) -m pytest tests -m "not llama_cpp" \
+	LORA_SHIP_TEST_SHARED=$(TEST_SHARED) nice -n 10 $(PY) -m pytest tests -m "not llama_cpp" \
 	  --basetemp=$(OUT)/pytest/without-llama-cpp $(PYTEST_ARGS)
 test-llama-cpp: $(STAMP) $(LLAMA_BIN)/llama-server | test-shared-reset
 	LORA_SHIP_TEST_SHARED=$(TEST_SHARED) $(PY) -m pytest tests -m llama_cpp --basetemp=$(OUT)/pytest/llama-cpp \
