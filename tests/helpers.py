@@ -4,11 +4,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import shutil
+import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
+import threading
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,10 +27,58 @@ LLAMA_SERVER = LLAMA_CPP / "build" / "bin" / "llama-server"
 VOCABS = LLAMA_CPP / "models"
 
 
+class WarmInterpreter:
+    """tests/warm_interpreter.py, started on first use: runs each script in a process forked from a Python that
+    has already imported torch (see there). One script at a time; the interpreter ends with this process."""
+
+    def __init__(self, *flags: str):
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("warm_interpreter.py")), *flags],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, cwd=ROOT)
+        self.lock = threading.Lock()
+
+    def answer(self, timeout: float | None = None) -> dict | None:
+        if not select.select([self.proc.stdout], [], [], timeout)[0]:
+            return None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"tests/warm_interpreter.py exited ({self.proc.wait()})")
+        return json.loads(line)
+
+    def run(self, cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+        with tempfile.TemporaryDirectory(prefix="script-") as tmp:
+            out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
+            request = {"script": cmd[1], "args": cmd[2:], "env": env, "cwd": str(ROOT), "stdout": str(out),
+                       "stderr": str(err)}
+            self.proc.stdin.write(json.dumps(request).encode() + b"\n")
+            pid = self.answer()["pid"]
+            done = self.answer(timeout)
+            if done is None:
+                os.kill(pid, signal.SIGKILL)
+                self.answer()
+                raise subprocess.TimeoutExpired(cmd, timeout, out.read_text(), err.read_text())
+            return subprocess.CompletedProcess(cmd, done["returncode"], out.read_text(), err.read_text())
+
+
+_warm: dict[tuple, WarmInterpreter] = {}
+WITH_TRANSFORMERS = {"train_lora.py", "eval_quality.py"}  # they import Transformers and PEFT in every run
+
+
 def run_script(name: str, *args, env: dict | None = None, check: bool = True, timeout: int = 900):
-    """Run scripts/<name> with this interpreter; return the CompletedProcess (text)."""
-    proc = subprocess.run([sys.executable, str(SCRIPTS / name), *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=timeout, cwd=ROOT)
+    """Run scripts/<name> in a new process; return the CompletedProcess (text). The process is forked from a warm
+    interpreter (tests/warm_interpreter.py) unless another thread is using it or LORA_SHIP_TEST_FORK=0; then it
+    is a plain `python scripts/<name>`."""
+    cmd, env = [sys.executable, str(SCRIPTS / name), *map(str, args)], {**os.environ, **(env or {})}
+    warm = None
+    if os.environ.get("LORA_SHIP_TEST_FORK") != "0":
+        flags = ("--transformers",) if name in WITH_TRANSFORMERS else ()
+        warm = _warm.get(flags) or _warm.setdefault(flags, WarmInterpreter(*flags))
+    if warm is not None and warm.lock.acquire(blocking=False):
+        try:
+            proc = warm.run(cmd, env, timeout)
+        finally:
+            warm.lock.release()
+    else:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
     if check and proc.returncode != 0:
         raise AssertionError(f"{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
