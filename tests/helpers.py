@@ -55,8 +55,10 @@ class WarmInterpreter:
             if done is None:
                 os.kill(pid, signal.SIGKILL)
                 self.answer()
-                raise subprocess.TimeoutExpired(cmd, timeout, out.read_text(), err.read_text())
-            return subprocess.CompletedProcess(cmd, done["returncode"], out.read_text(), err.read_text())
+            output = [path.read_text() if path.exists() else "" for path in (out, err)]  # absent: the child failed early
+            if done is None:
+                raise subprocess.TimeoutExpired(cmd, timeout, *output)
+            return subprocess.CompletedProcess(cmd, done["returncode"], *output)
 
 
 _warm: dict[tuple, WarmInterpreter] = {}

@@ -2,9 +2,9 @@
 
 Most scripts start by importing torch: ~1.5 s of CPU, paid ~150 times a suite. A child forked from here is
 still a new process to the script, with its own argv, environment, working directory, stdin (/dev/null),
-stdout and stderr (files), and exit status; it only finds torch, numpy and safetensors imported (with --transformers, Transformers and PEFT
-too). Nothing of this project or gguf is imported here, so the scripts' own import choices still run as they
-would.
+stdout and stderr (files), and exit status; it only finds torch, numpy and safetensors imported (with
+--transformers, Transformers and PEFT too). Nothing of this project or gguf is imported here, so the scripts'
+own import choices still run as they would.
 
 Protocol, one request at a time: a JSON line on stdin {script, args, env, cwd, stdout, stderr}; the answer is
 {"pid": N} once forked, then {"returncode": N} (negative: killed by that signal, as subprocess reports it).
@@ -65,6 +65,7 @@ def main() -> None:
     answer_fd = os.dup(1)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)  # nothing but answers goes to the test process
+    os.close(devnull)
     for line in sys.stdin.buffer:
         request = json.loads(line)
         pid = os.fork()
