@@ -55,7 +55,8 @@ class WarmInterpreter:
             if done is None:
                 os.kill(pid, signal.SIGKILL)
                 self.answer()
-            output = [path.read_text() if path.exists() else "" for path in (out, err)]  # absent: the child failed early
+            # a file is absent when the child failed before opening it
+            output = [path.read_text() if path.exists() else "" for path in (out, err)]
             if done is None:
                 raise subprocess.TimeoutExpired(cmd, timeout, *output)
             return subprocess.CompletedProcess(cmd, done["returncode"], *output)
