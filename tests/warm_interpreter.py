@@ -15,6 +15,12 @@ import os
 import runpy
 import sys
 import traceback
+import warnings
+
+# Python 3.12 warns at every fork here, as the imports have started thread pools (numpy's BLAS), idle at the fork.
+# Forking after those imports is what PyTorch's DataLoader workers do; on the H200 (Python 3.12, CUDA) a child
+# of either flavour ran a CUDA op.
+warnings.filterwarnings("ignore", message=r"This process .* is multi-threaded", category=DeprecationWarning)
 
 import numpy  # noqa: F401  (imported for the children)
 import safetensors.torch  # noqa: F401
