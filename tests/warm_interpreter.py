@@ -17,11 +17,6 @@ import sys
 import traceback
 import warnings
 
-# Python 3.12 warns at every fork here, as the imports have started thread pools (numpy's BLAS), idle at the fork.
-# Forking after those imports is what PyTorch's DataLoader workers do; on the H200 (Python 3.12, CUDA) a child
-# of either flavour ran a CUDA op.
-warnings.filterwarnings("ignore", message=r"This process .* is multi-threaded", category=DeprecationWarning)
-
 import numpy  # noqa: F401  (imported for the children)
 import safetensors.torch  # noqa: F401
 import torch  # noqa: F401
@@ -29,6 +24,11 @@ import torch  # noqa: F401
 if "--transformers" in sys.argv:  # for the scripts that always load models with them (tests/helpers.py says which)
     import peft  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+# Python 3.12 warns at every fork here, as the imports have started thread pools (numpy's BLAS), idle at the fork.
+# Forking after those imports is what PyTorch's DataLoader workers do; on the H200 (Python 3.12, CUDA) a child
+# of either flavour ran a CUDA op.
+warnings.filterwarnings("ignore", message=r"This process .* is multi-threaded", category=DeprecationWarning)
 
 
 def run_script(request: dict, answer_fd: int) -> None:
