@@ -211,7 +211,7 @@ def load_model(args, device):
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing,
                                                     gradient_checkpointing_kwargs=ckpt_kwargs)
     else:
-        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.load]
+        dtype = {"bf16": torch.bfloat16, "fp8": torch.bfloat16, "fp32": torch.float32}[args.load]
         model = AutoModelForCausalLM.from_pretrained(args.base, dtype=dtype).to(device)
     if args.gradient_checkpointing and not (args.load == "nf4" and args.upcast_fp32):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
@@ -222,6 +222,10 @@ def load_model(args, device):
     lora = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, bias="none",
                       task_type="CAUSAL_LM", target_modules=targets)
     model = get_peft_model(model, lora)
+    if args.load == "fp8":
+        from lib.fp8_linear import convert_frozen_linears
+        count = convert_frozen_linears(model.get_base_model().model.layers)
+        log(f"{count} frozen linear layers of the decoder in FP8 (e4m3, per-row scales); lm_head stays bf16")
     if args.compile:
         # regional compilation: the decoder layers are alike, so one compiled graph serves all of them
         for layer in model.get_base_model().model.layers:
@@ -237,7 +241,9 @@ def load_model_unsloth(args, device):
     from unsloth import FastLanguageModel
     model, _ = FastLanguageModel.from_pretrained(
         str(args.base), max_seq_length=args.seq_len, dtype=torch.bfloat16, load_in_4bit=args.load == "nf4",
-        load_in_16bit=args.load == "bf16", device_map={"": device}, use_gradient_checkpointing=False)
+        load_in_16bit=args.load == "bf16", device_map={"": device}, use_gradient_checkpointing=False,
+        # fp8: its FP8 LoRA (torchao's per-row e4m3 weights, quantized into a cached copy of the base first)
+        **({"load_in_fp8": True} if args.load == "fp8" else {}))
     targets = lora_targets(model, args.target_modules)
     log(f"LoRA on {','.join(targets)} (Unsloth)")
     model = FastLanguageModel.get_peft_model(
@@ -290,7 +296,9 @@ def parse_args():
                    "NPROC processes each does grad-accum / NPROC of them, so the global batch stays the same")
     p.add_argument("--seq-len", type=int, help="tokens per example, longer tales are cut (cpu 256, else 512)")
     p.add_argument("--lr", type=float, help="learning rate (cpu 2e-4, else 1e-4)")
-    p.add_argument("--load", choices=["fp32", "bf16", "nf4"], help="precision of the frozen base")
+    p.add_argument("--load", choices=["fp32", "bf16", "fp8", "nf4"], help="precision of the frozen base; fp8: "
+                   "bf16, with the decoder's frozen matmuls in FP8 (lib/fp8_linear.py; a GPU of compute "
+                   "capability 8.9+, or the CPU)")
     p.add_argument("--optim", choices=["adamw", "paged_adamw_8bit"])
     p.add_argument("--gradient-checkpointing", choices=["on", "off"])
     p.add_argument("--compile", choices=["on", "off"], help="torch.compile each decoder layer (fast: on)")
@@ -307,7 +315,7 @@ def parse_args():
                         "Transformers' loss over the whole micro-batch's logits (Llama, Mistral, Qwen, Phi-3)")
     p.add_argument("--kernels", choices=["torch", "liger", "unsloth"], default="torch",
                    help="for make bench-train, needs a CUDA GPU and the package (not in requirements): liger = "
-                        "Liger's Triton kernels in the model; unsloth = Unsloth's FastLanguageModel (bf16 or nf4)")
+                        "Liger's Triton kernels in the model; unsloth = Unsloth's FastLanguageModel (bf16, fp8 or nf4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: all cores)")
     p.add_argument("--eval-every", type=int, default=0, help="held-out eval loss every N steps (0: end only)")
@@ -327,6 +335,10 @@ def parse_args():
         raise UserError("--steps, --batch-size and --grad-accum must be >= 1 and --seq-len >= 16")
     if args.load == "nf4" and not torch.cuda.is_available():
         raise UserError("--load nf4 (the seed recipe) needs a CUDA GPU; on CPU use --recipe cpu")
+    if args.load == "fp8" and torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9):
+        raise UserError(f"--load fp8 needs FP8 tensor cores (compute capability 8.9+: Ada, Hopper, Blackwell); "
+                        f"this {torch.cuda.get_device_name()} is {'.'.join(map(str, torch.cuda.get_device_capability()))}: "
+                        f"use --load bf16")
     if args.kernels != "torch":
         import importlib.util
         package = KERNEL_PACKAGES[args.kernels]
@@ -336,7 +348,7 @@ def parse_args():
             raise UserError(f"--kernels {args.kernels} needs the {package} package: pip install {package}")
         if args.kernels == "unsloth":
             if args.load == "fp32":
-                raise UserError("--kernels unsloth loads the base in bf16 or nf4, not fp32")
+                raise UserError("--kernels unsloth loads the base in bf16, fp8 or nf4, not fp32")
             args.compile = False  # Unsloth brings its own kernels and compiles what it patches
     return args
 
@@ -381,7 +393,9 @@ def main() -> None:
     ddp = None
     if dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel
-        ddp = DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+        # broadcast_buffers off: the only buffers are frozen (rotary tables, FP8 weights), the same on every rank
+        ddp = DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
+                                      broadcast_buffers=False)
     start_eval = eval_loss(model, held, pad_id, args.batch_size, dist.device) if dist.main else None
     # the loss from the final hidden states in chunks (lib/chunked_loss.py), where the logits are a plain lm_head;
     # Liger and Unsloth bring their own fused loss

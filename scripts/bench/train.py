@@ -39,6 +39,8 @@ GPU_VARIANTS = {
                                                           "12", "--grad-accum", "2"]),
     "fast": ("ours (RECIPE=fast): bf16, no checkpointing, 6 x 4, each decoder layer torch.compiled, loss in chunks",
              ["--recipe", "fast"]),
+    "fast-fp8": ("the decoder's frozen matmuls in FP8 (e4m3, per-row scales; lib/fp8_linear.py)",
+                 ["--recipe", "fast", "--load", "fp8"]),
     # Peers, on the same base, data, global batch, lr, seed and LoRA (rank, alpha, targets). Unsloth runs its
     # documented set-ups: LoRA dropout 0 (its fast path) and its own gradient checkpointing.
     "liger": ("fast + Liger's kernels (RMSNorm, RoPE, SwiGLU, cross-entropy fused with lm_head)",
@@ -47,6 +49,8 @@ GPU_VARIANTS = {
                 ["--recipe", "fast", "--kernels", "unsloth", "--gradient-checkpointing", "on", "--dropout", "0"]),
     "unsloth-no-ckpt": ("the same without gradient checkpointing", ["--recipe", "fast", "--kernels", "unsloth",
                                                                      "--dropout", "0"]),
+    "unsloth-fp8": ("Unsloth's FP8 LoRA (load_in_fp8: torchao per-row e4m3 weights), no checkpointing, dropout 0",
+                    ["--recipe", "fast", "--kernels", "unsloth", "--load", "fp8", "--dropout", "0"]),
     "unsloth-qlora": ("Unsloth QLoRA as documented: nf4, its gradient checkpointing, dropout 0, paged AdamW 8-bit, 6 x 4",
                       ["--recipe", "seed", "--kernels", "unsloth", "--dropout", "0", "--batch-size", "6",
                        "--grad-accum", "4"]),
