@@ -94,8 +94,9 @@ RECIPES = {
     "seed": dict(load="nf4", batch_size=12, grad_accum=2, seq_len=512, lr=1e-4, steps=500, optim="paged_adamw_8bit",
                  gradient_checkpointing=True, compile=True),
     # the same global batch, lr and LoRA, several times faster where the 16-bit base fits in GPU memory
-    # (8B: ~32 GiB): no nf4 dequantization in every matmul, no recomputed forward pass, compiled layers
-    "fast": dict(load="bf16", batch_size=6, grad_accum=4, seq_len=512, lr=1e-4, steps=500, optim="adamw",
+    # (8B: ~32 GiB): no nf4 dequantization in every matmul, no recomputed forward pass, compiled layers, and
+    # the decoder's frozen matmuls in FP8 where the GPU has FP8 tensor cores (bf16 elsewhere; --load bf16)
+    "fast": dict(load="fp8", batch_size=6, grad_accum=4, seq_len=512, lr=1e-4, steps=500, optim="adamw",
                  gradient_checkpointing=False, compile=True),
 }
 
@@ -288,17 +289,18 @@ def parse_args():
     p.add_argument("--dataset", type=Path, required=True, help="JSONL of {\"title\", \"story\"}")
     p.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
     p.add_argument("--recipe", choices=["auto", *RECIPES], default="auto",
-                   help="default values: seed (QLoRA, seed 002) on a CUDA GPU, cpu otherwise; fast = bf16 base, "
-                        "no gradient checkpointing (needs memory for the 16-bit base)")
+                   help="default values: seed (QLoRA, seed 002) on a CUDA GPU, cpu otherwise; fast = 16-bit base, "
+                        "no gradient checkpointing (needs memory for the 16-bit base), FP8 matmuls where the GPU "
+                        "has FP8 tensor cores")
     p.add_argument("--steps", type=int, help="optimizer steps (recipe: cpu 30, seed/fast 500)")
     p.add_argument("--batch-size", type=int, help="sequences per micro-batch on each device (cpu 4, else 6)")
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (cpu 1, else 4); with "
                    "NPROC processes each does grad-accum / NPROC of them, so the global batch stays the same")
     p.add_argument("--seq-len", type=int, help="tokens per example, longer tales are cut (cpu 256, else 512)")
     p.add_argument("--lr", type=float, help="learning rate (cpu 2e-4, else 1e-4)")
-    p.add_argument("--load", choices=["fp32", "bf16", "fp8", "nf4"], help="precision of the frozen base; fp8: "
-                   "bf16, with the decoder's frozen matmuls in FP8 (lib/fp8_linear.py; a GPU of compute "
-                   "capability 8.9+, or the CPU)")
+    p.add_argument("--load", choices=["fp32", "bf16", "fp8", "nf4"], help="precision of the frozen base (recipe: "
+                   "cpu fp32, seed nf4, fast fp8 on GPUs of compute capability 8.9+, else bf16); fp8: bf16, with "
+                   "the decoder's frozen matmuls in FP8 (lib/fp8_linear.py; on a CPU, torch's slow reference kernel)")
     p.add_argument("--optim", choices=["adamw", "paged_adamw_8bit"])
     p.add_argument("--gradient-checkpointing", choices=["on", "off"])
     p.add_argument("--compile", choices=["on", "off"], help="torch.compile each decoder layer (fast: on)")
@@ -325,6 +327,9 @@ def parse_args():
     import torch
     if args.recipe == "auto":
         args.recipe = "seed" if torch.cuda.is_available() else "cpu"
+    from lib.fp8_linear import has_fp8_tensor_cores
+    if args.load is None and RECIPES[args.recipe]["load"] == "fp8" and not has_fp8_tensor_cores():
+        args.load = "bf16"  # FP8 products are only fast on FP8 tensor cores (the CPU's reference kernel is slow)
     for key, value in RECIPES[args.recipe].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -335,10 +340,10 @@ def parse_args():
         raise UserError("--steps, --batch-size and --grad-accum must be >= 1 and --seq-len >= 16")
     if args.load == "nf4" and not torch.cuda.is_available():
         raise UserError("--load nf4 (the seed recipe) needs a CUDA GPU; on CPU use --recipe cpu")
-    if args.load == "fp8" and torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9):
+    if args.load == "fp8" and torch.cuda.is_available() and not has_fp8_tensor_cores():
+        capability = ".".join(map(str, torch.cuda.get_device_capability()))
         raise UserError(f"--load fp8 needs FP8 tensor cores (compute capability 8.9+: Ada, Hopper, Blackwell); "
-                        f"this {torch.cuda.get_device_name()} is {'.'.join(map(str, torch.cuda.get_device_capability()))}: "
-                        f"use --load bf16")
+                        f"this {torch.cuda.get_device_name()} is {capability}: use --load bf16")
     if args.kernels != "torch":
         import importlib.util
         package = KERNEL_PACKAGES[args.kernels]
@@ -415,7 +420,7 @@ def main() -> None:
     bar = tqdm(range(first, args.steps), desc="training", disable=None if dist.main else True, initial=first,
                total=args.steps)
     for step in bar:
-        if len(order) < global_batch:
+        while len(order) < global_batch:  # a dataset smaller than the global batch repeats within a step
             order += random.sample(range(len(train)), len(train))
         batch = [train[order.pop()] for _ in range(global_batch)]
         # Every process draws the same global batch and takes its share; each micro-batch's summed loss is

@@ -87,3 +87,11 @@ def test_train_with_fp8_base_lowers_the_loss(tiny_bpe, tmp_path):
     args = json.loads((tmp_path / "ckpt" / "training_args.json").read_text())
     assert args["load"] == "fp8"
     assert metrics["train_loss_last"] < metrics["train_loss_first"] - 0.1
+
+
+def test_fast_recipe_takes_fp8_only_on_fp8_tensor_cores(tiny_bpe, tmp_path):
+    from lib.fp8_linear import has_fp8_tensor_cores
+    data = write_tales(tmp_path / "tales.jsonl", some_tales(2))
+    train(tiny_bpe[0], data, tmp_path / "ckpt", "--recipe", "fast", "--steps", "1", "--compile", "off")
+    args = json.loads((tmp_path / "ckpt" / "training_args.json").read_text())
+    assert args["load"] == ("fp8" if has_fp8_tensor_cores() else "bf16")

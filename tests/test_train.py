@@ -62,6 +62,13 @@ def test_resume_with_other_settings_is_refused(tiny_bpe, tmp_path):
     assert proc.returncode == 1 and "interrupted run with other settings" in error_line(proc)
 
 
+def test_a_dataset_smaller_than_the_global_batch_repeats_its_tales(tiny_bpe, tmp_path):
+    data = write_tales(tmp_path / "two.jsonl", some_tales(2))
+    train(tiny_bpe[0], data, tmp_path / "ckpt", "--steps", "2", "--grad-accum", "3")  # 6 a step from 2 tales
+    metrics = json.loads((tmp_path / "ckpt" / "metrics.json").read_text())
+    assert len(metrics["train_losses"]) == 2 and metrics["train_tokens"] > 0
+
+
 def test_malformed_dataset_names_the_line(tiny_bpe, tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text(json.dumps(some_tales(1)[0]) + "\n{not json\n")

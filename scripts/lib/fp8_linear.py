@@ -74,6 +74,11 @@ class Fp8FrozenLinear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 per-row scales"
 
 
+def has_fp8_tensor_cores() -> bool:
+    """A CUDA GPU of compute capability 8.9+ (Ada, Hopper, Blackwell): where FP8 products are fast."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
 def convert_frozen_linears(root: torch.nn.Module) -> int:
     """Replace every frozen nn.Linear under root (not the trainable LoRA matrices) with Fp8FrozenLinear, freeing
     the 16-bit weight as it goes; returns how many were replaced."""
