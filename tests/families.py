@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from helpers import VOCABS, read_gguf, real_tokenizer, save_tokenizer
+from helpers import VOCABS, read_gguf, real_tokenizer, save_tokenizer, sentencepiece_model
 
 MISTRAL_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
                     "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
@@ -54,26 +54,6 @@ FAMILIES = {
                                    "<|placeholder3|>", "<|placeholder4|>", "<|system|>", "<|end|>",
                                    "<|placeholder5|>", "<|placeholder6|>", "<|user|>"), padded_vocab=32064),
 }
-
-
-def sentencepiece_model(path: Path, extra_pieces: tuple = ()) -> None:
-    """Write Llama 2's SentencePiece tokenizer.model, rebuilt from ggml-vocab-llama-spm.gguf (pieces, scores and
-    types, BPE model, byte fallback, dummy prefix), with `extra_pieces` appended as user-defined pieces."""
-    from sentencepiece import sentencepiece_model_pb2 as pb
-
-    vocab, _ = read_gguf(VOCABS / "ggml-vocab-llama-spm.gguf")
-    proto = pb.ModelProto()
-    for text, score, kind in zip(vocab["tokenizer.ggml.tokens"], vocab["tokenizer.ggml.scores"],
-                                 vocab["tokenizer.ggml.token_type"]):
-        proto.pieces.add(piece=text, score=score, type=kind)  # GGUF's token types are SentencePiece's
-    for text in extra_pieces:
-        proto.pieces.add(piece=text, score=0.0, type=pb.ModelProto.SentencePiece.USER_DEFINED)
-    trainer, normalizer = proto.trainer_spec, proto.normalizer_spec
-    trainer.model_type, trainer.vocab_size, trainer.byte_fallback = pb.TrainerSpec.BPE, len(proto.pieces), True
-    trainer.unk_id, trainer.bos_id, trainer.eos_id, trainer.pad_id = 0, 1, 2, -1
-    normalizer.name, normalizer.add_dummy_prefix = "identity", True
-    normalizer.remove_extra_whitespaces, normalizer.escape_whitespaces = False, True
-    path.write_bytes(proto.SerializeToString())
 
 
 def family_tokenizer(family: Family, folder: Path):

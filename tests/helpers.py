@@ -157,6 +157,26 @@ def save_tokenizer(tok, folder: Path) -> None:
         model_file.unlink()
 
 
+def sentencepiece_model(path: Path, extra_pieces: tuple = ()) -> None:
+    """Write Llama 2's SentencePiece tokenizer.model, rebuilt from ggml-vocab-llama-spm.gguf (pieces, scores and
+    types, BPE model, byte fallback, dummy prefix), with `extra_pieces` appended as user-defined pieces."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    vocab, _ = read_gguf(VOCABS / "ggml-vocab-llama-spm.gguf")
+    proto = pb.ModelProto()
+    for text, score, kind in zip(vocab["tokenizer.ggml.tokens"], vocab["tokenizer.ggml.scores"],
+                                 vocab["tokenizer.ggml.token_type"]):
+        proto.pieces.add(piece=text, score=score, type=kind)  # GGUF's token types are SentencePiece's
+    for text in extra_pieces:
+        proto.pieces.add(piece=text, score=0.0, type=pb.ModelProto.SentencePiece.USER_DEFINED)
+    trainer, normalizer = proto.trainer_spec, proto.normalizer_spec
+    trainer.model_type, trainer.vocab_size, trainer.byte_fallback = pb.TrainerSpec.BPE, len(proto.pieces), True
+    trainer.unk_id, trainer.bos_id, trainer.eos_id, trainer.pad_id = 0, 1, 2, -1
+    normalizer.name, normalizer.add_dummy_prefix = "identity", True
+    normalizer.remove_extra_whitespaces, normalizer.escape_whitespaces = False, True
+    path.write_bytes(proto.SerializeToString())
+
+
 def make_tiny_llama(folder: Path, kind: str = "spm", dtype=torch.float32, seed: int = 0,
                     tie: bool = False, shard: str | None = None, hidden: int = 64):
     """A 2-layer random Llama with a real tokenizer, saved as a Hugging Face folder."""
@@ -170,6 +190,8 @@ def make_tiny_llama(folder: Path, kind: str = "spm", dtype=torch.float32, seed: 
     model = LlamaForCausalLM(cfg).to(dtype)
     model.save_pretrained(folder, safe_serialization=True, **({"max_shard_size": shard} if shard else {}))
     save_tokenizer(tok, folder)
+    if kind == "spm":  # Llama 2 repos ship tokenizer.model beside tokenizer.json; the converter reads it first
+        sentencepiece_model(folder / "tokenizer.model")
     return model, tok
 
 
