@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # scripts/, for lib and train_lora
-from lib.common import log, run_main  # noqa: E402
+from lib.checkpoints import validate  # noqa: E402
+from lib.common import UserError, log, require_base, run_main  # noqa: E402
 from lib.tales import load_tales, split_tales  # noqa: E402
 
 
@@ -28,6 +29,12 @@ def main() -> None:
     p.add_argument("--train-tales", type=int, default=4, help="training tales scored beside the held-out ones")
     p.add_argument("--seq-len", type=int, default=512)
     args = p.parse_args()
+    require_base(args.base)
+    for ckpt in args.checkpoints:
+        if not ckpt.is_dir():
+            raise UserError(f"checkpoint {ckpt}: no such folder")
+    checkpoints = [validate(ckpt) for ckpt in args.checkpoints]
+    tales = load_tales(args.dataset)
 
     import torch
     from peft import PeftModel
@@ -38,7 +45,7 @@ def main() -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tok = AutoTokenizer.from_pretrained(args.base)
-    train, held = split_tales(load_tales(args.dataset))
+    train, held = split_tales(tales)
     examples = [encode(tok, t, args.seq_len) for t in held + train[:args.train_tales]]
     ids, labels, mask = collate(examples, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     scored = labels[:, 1:] != -100
@@ -67,7 +74,7 @@ def main() -> None:
           f"loss bf16 {loss(ref):.4f}, FP8 {loss(got):.4f}; KL(bf16 || FP8) mean {kl.mean():.4f}, "
           f"p99 {kl.quantile(0.99):.4f} nats; top-1 agreement {agree:.1%}", flush=True)
     del base, fp8
-    for ckpt in args.checkpoints:
+    for ckpt in checkpoints:
         log(f"scoring {ckpt} on the bf16 base")
         lp = log_probs(PeftModel.from_pretrained(load_bf16(), ckpt))
         print(f"{ckpt}: held-out loss {loss(lp, len(held)):.4f} on the bf16 base (base alone: "
