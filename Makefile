@@ -20,8 +20,9 @@ API_KEY          ?=
 ALLOW_NO_KEY     ?=
 ENGINE           ?= auto
 GPU_LAYERS       ?= auto
-CTX_SIZE         ?= 0
+CTX_SIZE         ?= auto
 PARALLEL         ?= auto
+MAX_TOKENS       ?= 1024
 BACKEND_SAMPLING ?= auto
 CACHE_RAM        ?= auto
 SERVER_ARGS      ?=
@@ -51,9 +52,11 @@ BENCH_ADAPTERS   ?=
 PYTEST_ARGS      ?=
 PIPELINE_JOBS    ?= 3
 
-HELP_VARS := BASE_MODEL CHECKPOINTS_DIR CHECKPOINT DATASET GUTENBERG_TXT QUANT MERGE_METHOD HOST PORT API_KEY ALLOW_NO_KEY ENGINE \
-  GPU_LAYERS CTX_SIZE PARALLEL BACKEND_SAMPLING CACHE_RAM SERVER_ARGS PROMPT OUT VENV TORCH_SPEC LLAMA_CPP_COMMIT LLAMA_CPP_REPO LLAMA_BACKEND \
-  LLAMAFILE_VERSION LLAMAFILE_SHA256 PIPELINE_JOBS TRAIN_STEPS RECIPE NPROC TRAIN_ARGS RUN_NAME EVAL_EVERY SAVE_EVERY LOAD MODEL GENERATE_ARGS EVAL_ARGS MODELS COMPARE_ARGS KEEP_MERGED BENCH_MODEL BENCH_ADAPTERS
+HELP_VARS := BASE_MODEL BASE_NAME CHECKPOINTS_DIR CHECKPOINT DATASET GUTENBERG_TXT QUANT MERGE_METHOD HOST PORT API_KEY ALLOW_NO_KEY \
+  ENGINE GPU_LAYERS CTX_SIZE PARALLEL MAX_TOKENS BACKEND_SAMPLING CACHE_RAM SERVER_ARGS PROMPT OUT VENV PYTHON TORCH_SPEC \
+  LLAMA_CPP_COMMIT LLAMA_CPP_REPO LLAMA_CPP_PYTHON LLAMA_CPP_PYTHON_SHA256 LLAMA_BACKEND LLAMAFILE_VERSION LLAMAFILE_SHA256 \
+  PIPELINE_JOBS TRAIN_STEPS RECIPE NPROC TRAIN_ARGS RUN_NAME EVAL_EVERY SAVE_EVERY LOAD MODEL GENERATE_ARGS EVAL_ARGS MODELS \
+  COMPARE_ARGS KEEP_MERGED BENCH_MODEL BENCH_ADAPTERS PYTEST_ARGS
 
 # Plain `make` (and `make test`) runs independent stages at once: the llama.cpp build (which needs no Python
 # packages) goes on beside the install and the base model, so the build is most of the wait.
@@ -66,10 +69,17 @@ endif
 ifeq ($(MAKECMDGOALS),test)
   MAKEFLAGS += --output-sync=line
 endif
-ifeq ($(filter-out all,$(MAKECMDGOALS)),)
+# Goals that end in a server: their quick check also makes sure the port is free (or held by our own server),
+# and it runs before anything long for them too, so a busy port is found before the merge replaces a file.
+SERVE_GOALS := all serve serve-bg serve-adapters
+ifneq ($(if $(MAKECMDGOALS),$(filter $(SERVE_GOALS),$(MAKECMDGOALS)),all),)
   AFTER_QUICK_CHECK := quick-check
   AFTER_CHECK := check
+  PORT_CHECK_ARGS = --port-free $(HOST):$(PORT) --pid-file $(PID_FILE)
 endif
+# The variables given on the command line that say which server (OUT: its pid file; HOST, PORT: where), for
+# the hints printed by make's steps ('make stop OUT=out-b'), so that the command shown is the one that works.
+HINT_VARS := $(strip $(foreach v,OUT HOST PORT,$(if $(filter command line,$(origin $(v))),$(v)=$($(v)))))
 
 # ---- stage timing: a line when a stage starts, its time when it ends, a summary at the end of `make` ----
 RUN_START := $(shell date +%s)
@@ -165,11 +175,12 @@ write-if-changed = @mkdir -p $(@D); echo '$(1)' | cmp -s - $@ || echo '$(1)' > $
 check: | $(STAMP) ## check QUANT, BASE_MODEL, CHECKPOINT, the adapter's config, its fit to the base and the tokenizer files
 	@$(PY) scripts/check_inputs.py --quant "$(QUANT)" --base-model "$(BASE_MODEL)" $(MERGE_ARGS)
 quick-check:
-	@$(PYTHON) scripts/check_inputs.py --quick --quant "$(QUANT)" --base-model "$(BASE_MODEL)" $(MERGE_ARGS)
+	@$(PYTHON) scripts/check_inputs.py --quick --quant "$(QUANT)" --base-model "$(BASE_MODEL)" $(MERGE_ARGS) \
+	  $(PORT_CHECK_ARGS) --make-vars "$(HINT_VARS)"
 
 # ---- vendor tools ----
 vendor: $(LLAMA_BIN)/llama-server ## fetch llama.cpp at LLAMA_CPP_COMMIT, apply patches/llama.cpp, build server, quantize, perplexity, batched-bench; clone llamafile's source
-	@$(PYTHON) scripts/fetch_llamafile.py --version $(LLAMAFILE_VERSION) --sha256 "$(LLAMAFILE_SHA256)" --source-only
+	@$(PYTHON) scripts/fetch_llamafile.py --version $(LLAMAFILE_VERSION) --sha256 "$(LLAMAFILE_SHA256)" --source-only $(LLAMAFILE_ONCE)
 run-clone-repositories: vendor ## alias of vendor (seed name)
 
 $(LLAMA_SRC): $(wildcard patches/llama.cpp/*.patch) | $(AFTER_QUICK_CHECK)
@@ -186,11 +197,14 @@ $(LLAMA_BIN)/llama-server: $(LLAMA_SRC) scripts/vendor_llama_cpp.py vendor/.llam
 	$(call stage-end,llama.cpp-build)
 	@touch $@
 
-vendor/.llama-build-inputs: FORCE
+vendor/.llama-build-inputs: FORCE | $(AFTER_QUICK_CHECK)
 	$(call write-if-changed,backend=$(LLAMA_BACKEND))
 
-llamafile: ## download the pinned llamafile binary (sha256-checked); offline, serving falls back to llama-server
-	@$(PYTHON) scripts/fetch_llamafile.py --version $(LLAMAFILE_VERSION) --sha256 "$(LLAMAFILE_SHA256)" --binary-only
+# llamafile is optional (llama-server serves with the same API): inside `make` it says what happened in one line,
+# once (a marker in vendor/llamafile remembers); named as a goal it tries again and always says.
+LLAMAFILE_ONCE := $(if $(filter llamafile run-download-llamafile vendor run-clone-repositories,$(MAKECMDGOALS)),,--once)
+llamafile: | $(AFTER_QUICK_CHECK) ## download the llamafile binary and install it if its sha256 is LLAMAFILE_SHA256 (none is pinned: say which you checked); without it llama-server serves
+	@$(PYTHON) scripts/fetch_llamafile.py --version $(LLAMAFILE_VERSION) --sha256 "$(LLAMAFILE_SHA256)" --binary-only $(LLAMAFILE_ONCE)
 run-download-llamafile: llamafile ## alias of llamafile (seed name)
 
 # ---- model ----
@@ -214,7 +228,9 @@ train: $(BASE_DIR)/config.json | $(STAMP) ## fine-tune a LoRA on DATASET into CH
 bench-train: $(BASE_DIR)/config.json | $(STAMP) ## tokens/s, TFLOP/s, peak GPU memory, held-out loss: the seed's QLoRA vs ours, lever by lever, and Unsloth/Liger where installed; BENCH_MODEL=8b-random
 	$(PY) scripts/bench/train.py --base $(BASE_DIR) --dataset $(DATASET) --model $(BENCH_MODEL)
 
-$(OUT)/.merge-inputs: FORCE
+# written only once the inputs passed the check: a refused run leaves it as it was, so the next good run does not
+# redo the merge
+$(OUT)/.merge-inputs: FORCE | check
 	$(call write-if-changed,$(MERGE_INPUTS))
 
 # By default the merge goes straight into the GGUF (merge_gguf.py: no merged copy on disk). KEEP_MERGED=1, or
@@ -252,9 +268,9 @@ run-quantize-llama-model: quantize ## alias of quantize (seed name)
 
 # ---- serving ----
 # how the engine runs (shared with bench-serve, which starts its own server); then where this one listens
-ENGINE_ARGS = --engine $(ENGINE) --gpu-layers $(GPU_LAYERS) --ctx-size $(CTX_SIZE) --parallel $(PARALLEL) \
+ENGINE_ARGS = --engine $(ENGINE) --gpu-layers $(GPU_LAYERS) --ctx-size $(CTX_SIZE) --parallel $(PARALLEL) --max-tokens $(MAX_TOKENS) \
   --backend-sampling $(BACKEND_SAMPLING) --cache-ram $(CACHE_RAM) --llamafile $(LLAMAFILE) --llama-server $(LLAMA_BIN)/llama-server $(if $(SERVER_ARGS),--extra-args='$(SERVER_ARGS)')
-LISTEN_ARGS = --host $(HOST) --port $(PORT) --pid-file $(PID_FILE) --log $(OUT)/logs/server.log \
+LISTEN_ARGS = --host $(HOST) --port $(PORT) --pid-file $(PID_FILE) --log $(OUT)/logs/server.log --make-vars "$(HINT_VARS)" \
   $(if $(ALLOW_NO_KEY),--allow-no-key) $(ENGINE_ARGS)
 SERVE_ARGS = --model $(GGUF) $(LISTEN_ARGS)
 
@@ -268,7 +284,7 @@ serve-bg: $(GGUF) | $(LLAMA_BIN)/llama-server ## serve in the background (pid in
 
 # ---- many fine-tunes, one base: adapters applied unmerged, chosen per request by name ----
 # The base's served name: its folder's (smollm2, or meta-llama--Llama-2-7b-hf for a hub id)
-BASE_NAME := $(notdir $(BASE_DIR))
+BASE_NAME ?= $(notdir $(BASE_DIR))
 adapters: $(BASE_GGUF) $(CHECKPOINT_FILES) | $(LLAMA_SRC) $(STAMP) ## every checkpoint in CHECKPOINTS_DIR as out/adapters/NAME.gguf (applied unmerged; what cannot be is named), the base once as out/base.QUANT.gguf
 	$(PY) scripts/export_adapters.py --base $(BASE_DIR) --checkpoints-dir $(CHECKPOINTS_DIR) \
 	  $(if $(CHECKPOINT),--checkpoint "$(CHECKPOINT)") $(FALLBACK_ARG) --out-dir $(ADAPTERS_DIR) --base-name $(BASE_NAME) \
@@ -286,8 +302,8 @@ package: $(GGUF) | llamafile ## one self-contained executable: the llamafile bin
 	$(PYTHON) scripts/package_llamafile.py --model $(GGUF) --out $(GGUF:.gguf=.llamafile) --llamafile $(LLAMAFILE) \
 	  --host $(HOST) --port $(PORT)
 
-stop: ## stop the background server
-	@$(PYTHON) scripts/serve.py stop --pid-file $(PID_FILE)
+stop: ## stop the background server (the one of this OUT)
+	@$(PYTHON) scripts/serve.py stop --pid-file $(PID_FILE) --make-vars "$(HINT_VARS)"
 
 chat: ## send PROMPT to the running server and stream the answer
 	@$(PYTHON) scripts/chat.py --url http://$(HOST):$(PORT)

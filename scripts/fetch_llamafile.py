@@ -4,6 +4,9 @@
 
 Neither is required: where GitHub cannot be reached, or no sha256 is pinned, this says so in one line
 and exits 0, and `make serve` uses llama.cpp's llama-server, which has the same HTTP API.
+--once (what plain `make` passes): nothing is tried or said again once it was (a marker in --dest per
+version and sha256), no binary is downloaded without a sha256 to check it against, and a failed source clone
+is not mentioned (nothing needs it): `make` says at most one line about llamafile, the first time.
 """
 from __future__ import annotations
 
@@ -26,13 +29,22 @@ class Unpinned(Exception):
     """The download worked but there is no sha256 to check it against."""
 
 
-def clone_source(version: str, dest: Path) -> None:
+def clone_source(version: str, dest: Path, quiet: bool = False) -> None:
     if (dest / ".git").exists():
         return
     r = subprocess.run(["git", "clone", "--quiet", "--depth", "1", "--branch", version, REPO, str(dest)],
                        env=dict(os.environ, GIT_TERMINAL_PROMPT="0"), capture_output=True, text=True)
-    if r.returncode != 0:
+    if r.returncode != 0 and not quiet:
         log(f"llamafile source {version} not cloned (GitHub unreachable?); not needed to serve")
+
+
+def tried_before(marker: Path) -> bool:
+    """True if marker exists; else creates it (so the next --once run stays quiet) and returns False."""
+    if marker.exists():
+        return True
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    return False
 
 
 def download_binary(version: str, sha256: str, dest: Path) -> None:
@@ -72,11 +84,23 @@ def main() -> None:
     only = p.add_mutually_exclusive_group()
     only.add_argument("--source-only", action="store_true", help="only clone the source")
     only.add_argument("--binary-only", action="store_true", help="only download the binary")
+    p.add_argument("--once", action="store_true", help="try and say each thing once (see above); no unpinned download")
     args = p.parse_args()
-    if not args.binary_only:
-        clone_source(args.version, args.dest / "src")
-    if not args.source_only:
-        download_binary(args.version, args.sha256.strip().lower(), args.dest / "bin" / "llamafile")
+    sha256 = args.sha256.strip().lower()
+    binary = args.dest / "bin" / "llamafile"
+    if not args.binary_only and not (args.once and tried_before(args.dest / f".tried-source-{args.version}")):
+        clone_source(args.version, args.dest / "src", quiet=args.once)
+    if args.source_only or (args.once and tried_before(args.dest / f".tried-binary-{args.version}-{sha256 or 'none'}")):
+        return
+    if args.once and not sha256:
+        log(f"llamafile {args.version} not installed: no LLAMAFILE_SHA256 is pinned ('make llamafile' downloads it "
+            f"and prints its sha256 to check); llama-server serves, with the same API")
+        return
+    try:
+        download_binary(args.version, sha256, binary)
+    except UserError:  # a wrong checksum is said every time, --once or not
+        (args.dest / f".tried-binary-{args.version}-{sha256 or 'none'}").unlink(missing_ok=True)
+        raise
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ def build_smollm2(out: Path, cache: Path) -> None:
 
     gguf = fetch_smollm2_gguf(cache)
     log(f"converting {gguf.name} to a Hugging Face model (bf16 safetensors) ...")
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, legacy=True)  # its one behaviour; no warning
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # transformers flags GGUF-loaded models as quantized and refuses save_pretrained: copy the weights over
     model = LlamaForCausalLM(quantized.config)

@@ -19,7 +19,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,29 +28,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lib.common import ROOT, UserError, has_cuda_backend, has_nvidia_gpu, log, run_main  # noqa: E402
+from lib.ports import port_in_use, read_pid, require_port_free  # noqa: E402,F401
+from lib.slots import GPU_SLOTS, cpu_slots  # noqa: E402
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
-def port_in_use(host: str, port: int) -> bool:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return True
-    return False
-
-
-def read_pid(pid_file: Path) -> dict | None:
-    """The pid file's record ({pid, host, port, model, model_mtime}) if that process is still alive."""
-    try:
-        info = json.loads(pid_file.read_text())
-        os.kill(int(info["pid"]), 0)
-        return info
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+def make_hint(target: str, args) -> str:
+    """The make command for target with the variables this server was started with (make stop OUT=out-b)."""
+    return " ".join(["make", target, *shlex.split(getattr(args, "make_vars", "") or "")])
 
 
 def write_pid(pid_file: Path, pid: int, args) -> None:
@@ -75,25 +60,36 @@ def adapter_files(folder: Path) -> list[Path]:
     return files
 
 
+class Refused(UserError):
+    """The server answered a call with an HTTP error."""
+
+
+def api_call(url: str, path: str, body: dict | None, api_key: str | None, timeout: float = 600) -> dict:
+    """POST body (GET without one) to the server; its JSON answer, or Refused naming its HTTP error."""
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url + path, data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        text = e.read().decode(errors="replace")
+        try:
+            detail = json.loads(text).get("error", {}).get("message", text)
+        except (ValueError, AttributeError):
+            detail = text
+        raise Refused(f"{path}: {e.code} {str(detail).strip()[:200]}") from None
+    except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError) as e:
+        raise UserError(f"cannot reach the running server at {url} ({e})") from None
+
+
 def load_new_adapters(url: str, folder: Path, api_key: str | None) -> list[str]:
     """Have the running server load the adapter files it does not serve yet; their names."""
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
-
     def call(path: str, body: dict | None = None) -> dict:
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(url + path, data=data, headers=headers)
         try:
-            with urllib.request.urlopen(req, timeout=600) as r:
-                return json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            body = e.read().decode(errors="replace")
-            try:
-                detail = json.loads(body).get("error", {}).get("message", body)
-            except (ValueError, AttributeError):
-                detail = body
-            raise UserError(f"the running server refused {path}: {e.code} {detail.strip()[:200]}") from None
-        except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
-            raise UserError(f"cannot reach the running server at {url} ({e})") from None
+            return api_call(url, path, body, api_key)
+        except Refused as e:
+            raise UserError(f"the running server refused {e}") from None
 
     served = {m["id"] for m in call("/v1/models").get("data", [])}
     added = []
@@ -133,15 +129,23 @@ def server_command(args, engine: str, binary: Path) -> list[str]:
     # (on by default) sizes an unset context to the free memory.
     if engine == "llama-server":
         cmd += ["-fa", "auto"]
-    if args.ctx_size:
-        cmd += ["-c", str(args.ctx_size)]
+    ctx = "" if args.ctx_size in ("auto", "0", "") else args.ctx_size
     parallel = args.parallel
     if parallel == "auto":
-        # On a GPU, decoding 32 sequences costs little more than one (the weights are read once per step),
-        # so 32 slots serve up to 32 clients at once; on a CPU the engine's own choice (4) is kept.
-        parallel = "32" if gpu_layers != "0" else ""
+        # lib/slots.py: 32 slots on a GPU (its context fitted by the engine); on a CPU, slots and a context
+        # for each from the cores and the memory
+        if gpu_layers != "0":
+            parallel = str(GPU_SLOTS)
+        else:
+            slots, per_slot = cpu_slots(Path(args.model))
+            parallel, ctx = str(slots), ctx or str(slots * per_slot)
+    if ctx:
+        cmd += ["-c", ctx]
     if parallel and parallel != "0":
         cmd += ["-np", parallel]
+    # a default cap on each request's tokens (a request's own max_tokens / n_predict wins): a model caught in
+    # a loop would otherwise hold its slot until the context is full
+    cmd += ["-n", str(args.max_tokens if args.max_tokens > 0 else -1)]
     on_gpu_server = engine == "llama-server" and gpu_layers != "0"
     if engine != "llama-server" and (args.backend_sampling == "on" or args.cache_ram not in ("auto", "")):
         raise UserError("--backend-sampling on and --cache-ram are llama-server flags; pass --engine llama-server")
@@ -187,6 +191,18 @@ def wait_healthy(proc: subprocess.Popen, url: str, timeout: float, logpath: Path
     raise UserError(f"the server did not become healthy within {timeout:.0f} s (log: {logpath})")
 
 
+def check_answers(url: str, api_key: str | None) -> None:
+    """/health says ok once the model is loaded, and a server can still fail every request (a vocabulary it
+    cannot use, a broken chat template): one real request through the tokenizer and the chat template."""
+    try:
+        if not api_call(url, "/tokenize", {"content": "Hello"}, api_key, timeout=60).get("tokens"):
+            raise Refused("/tokenize: no tokens for 'Hello'")
+        api_call(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 1},
+                 api_key, timeout=300)
+    except UserError as e:
+        raise UserError(f"the server started but cannot answer: {e}") from None
+
+
 def show_tail(logpath: Path, n: int = 15) -> None:
     try:
         lines = logpath.read_text(errors="replace").splitlines()[-n:]
@@ -228,11 +244,11 @@ def start(args) -> None:
             log(f"already serving {args.model} on {args.host}:{args.port} (pid {running['pid']})")
             return
         if not args.background:
-            raise UserError(f"a server is already running (pid {running['pid']}, {args.pid_file}); 'make stop' first")
+            raise UserError(f"a server is already running (pid {running['pid']}, {args.pid_file}); "
+                            f"'{make_hint('stop', args)}' first")
         log(f"restarting the server (pid {running['pid']}) to serve {args.model}")
         stop(args)
-    if port_in_use(args.host, args.port):
-        raise UserError(f"port {args.port} on {args.host} is already in use; stop what uses it or choose PORT=...")
+    require_port_free(args.host, args.port, None)
     engine, binary = pick_engine("llama-server" if args.adapters else args.engine, args.llamafile, args.llama_server)
     cmd = server_command(args, engine, binary)
     args.log.parent.mkdir(parents=True, exist_ok=True)
@@ -246,15 +262,21 @@ def start(args) -> None:
     url = f"http://{host}:{args.port}"
     try:
         wait_healthy(proc, url, args.timeout, args.log)
+        try:
+            check_answers(url, args.api_key)
+        except UserError:
+            show_tail(args.log)
+            raise
     except BaseException:
         if proc.poll() is None:
             proc.kill()
+            proc.wait(timeout=30)  # its port is free when this returns
         raise
     if args.background:
         if args.pid_file:
             write_pid(args.pid_file, proc.pid, args)
         print_usage(url, args.api_key)
-        log(f"running in the background (pid {proc.pid}); stop it with 'make stop'")
+        log(f"running in the background (pid {proc.pid}); stop it with '{make_hint('stop', args)}'")
         return
     print_usage(url, args.api_key)
     log("serving in the foreground; press Ctrl-C to stop")
@@ -305,9 +327,14 @@ def main() -> None:
     p.add_argument("--llamafile", type=Path, default=ROOT / "vendor" / "llamafile" / "bin" / "llamafile")
     p.add_argument("--llama-server", type=Path, default=ROOT / "vendor" / "llama.cpp" / "build" / "bin" / "llama-server")
     p.add_argument("--gpu-layers", default="auto", help="layers to offload (auto: all when a GPU is present)")
-    p.add_argument("--ctx-size", type=int, default=0, help="context size (default: the engine's)")
+    p.add_argument("--ctx-size", default="auto",
+                   help="context size, all slots together (auto: the engine's on a GPU; on a CPU see --parallel)")
     p.add_argument("--parallel", default="auto",
-                   help="parallel slots (auto: 32 when the model is on a GPU, else the engine's choice)")
+                   help="parallel slots (auto: 32 when the model is on a GPU; on a CPU from the cores and memory, "
+                        "up to 4,096 tokens of context each: scripts/lib/slots.py)")
+    p.add_argument("--max-tokens", type=int, default=1024,
+                   help="tokens a request generates at most unless it asks for another number (0: no cap)")
+    p.add_argument("--make-vars", default="", help="make variables for the hints printed (e.g. 'OUT=out-b')")
     p.add_argument("--backend-sampling", choices=["auto", "on", "off"], default="auto",
                    help="llama-server samples on the GPU (-bs) (auto = off: it samples the slots on CPU threads)")
     p.add_argument("--cache-ram", default="auto",

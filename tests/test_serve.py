@@ -66,9 +66,10 @@ def gpu_defaults(monkeypatch, gpu: bool, engine: str = "llama-server", **overrid
     import serve
     monkeypatch.setattr(serve, "has_nvidia_gpu", lambda: gpu)
     monkeypatch.setattr(serve, "has_cuda_backend", lambda _: gpu)
+    monkeypatch.setattr(serve, "cpu_slots", lambda _: (16, 4096))  # lib/slots.py: tested on its own below
     args = argparse.Namespace(model="m.gguf", host="127.0.0.1", port=8080, alias="lora-ship", gpu_layers="auto",
-                              ctx_size=0, parallel="auto", backend_sampling="auto", cache_ram="auto",
-                              api_key=None, extra_args="", adapters=None)
+                              ctx_size="auto", parallel="auto", max_tokens=1024, backend_sampling="auto",
+                              cache_ram="auto", api_key=None, extra_args="", adapters=None)
     vars(args).update(overrides)
     return serve.server_command(args, engine, LLAMA_SERVER)
 
@@ -79,9 +80,14 @@ def test_gpu_defaults_and_overrides(monkeypatch):
     # sampling stays on the CPU (on the patched server's threads) unless asked for: -bs measured slower
     assert "-bs" not in gpu and gpu[gpu.index("--cache-ram") + 1] == "0"
     assert "-bs" in gpu_defaults(monkeypatch, True, backend_sampling="on")
+    assert "-c" not in gpu  # the engine fits the context to the GPU's free memory
     cpu = gpu_defaults(monkeypatch, False)
     assert cpu[cpu.index("-ngl") + 1] == "0"
-    assert not {"-np", "-bs", "--cache-ram"} & set(cpu)  # the engine's own choices on a CPU
+    assert not {"-bs", "--cache-ram"} & set(cpu)  # the engine's own choices on a CPU
+    assert cpu[cpu.index("-np") + 1] == "16" and cpu[cpu.index("-c") + 1] == str(16 * 4096)  # each slot 4,096
+    assert cpu[cpu.index("-n") + 1] == "1024" and gpu[gpu.index("-n") + 1] == "1024"  # every request capped
+    uncapped = gpu_defaults(monkeypatch, False, max_tokens=0, ctx_size="8192")
+    assert uncapped[uncapped.index("-n") + 1] == "-1" and uncapped[uncapped.index("-c") + 1] == "8192"
     tuned = gpu_defaults(monkeypatch, True, parallel="8", backend_sampling="off", cache_ram="4096")
     assert tuned[tuned.index("-np") + 1] == "8" and "-bs" not in tuned
     assert tuned[tuned.index("--cache-ram") + 1] == "4096"
@@ -141,7 +147,71 @@ def test_bench_serve_end_to_end(tiny_gguf, tmp_path):
     assert "| 3 | stream |" in proc.stdout
     # every prompt is exactly --prompt-tokens tokens, as the engine's are (the server logs each one it evaluates)
     evaluated = re.findall(r"prompt eval time = .*/\s*(\d+) tokens", (tmp_path / "server.log").read_text())
-    assert len(evaluated) == 2 + 6 + 2 + 6 + 3 and set(evaluated) == {"16"}
+    # (the first: serve.py's one request through the chat template before it says the server is ready)
+    assert len(evaluated) == 1 + 2 + 6 + 2 + 6 + 3 and set(evaluated[1:]) == {"16"}
     assert not (tmp_path / "server.pid").exists()
     with pytest.raises(ConnectionRefusedError):  # the benchmark's server is gone
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+@pytest.mark.llama_cpp_source
+def test_slots_on_a_cpu_follow_the_cores_and_the_memory(tiny_gguf, tiny_spm):
+    from helpers import read_gguf
+    from lib.gguf_meta import kv_bytes_per_token, read_metadata
+    from lib.slots import cpu_slots
+
+    meta, full = read_metadata(tiny_gguf), read_gguf(tiny_gguf)[0]
+    assert meta.keys() == full.keys()
+    assert all(meta[k] == (len(v) if isinstance(v, list) else v) for k, v in full.items())  # arrays: their length
+    cfg = tiny_spm[1].config
+    per_token = kv_bytes_per_token(meta)
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    assert per_token == cfg.num_hidden_layers * cfg.num_key_value_heads * 2 * head_dim * 2  # f16 K and V
+    per_slot = min(cfg.max_position_embeddings, 4096)
+    assert cpu_slots(tiny_gguf, cores=2, memory=1 << 40) == (16, per_slot)
+    assert cpu_slots(tiny_gguf, cores=8, memory=1 << 40) == (32, per_slot)
+    # a seventh of the memory for the KV cache: 8 slots fit where 16 would not, never fewer than 4
+    assert cpu_slots(tiny_gguf, cores=2, memory=7 * 8 * per_slot * per_token) == (8, per_slot)
+    assert cpu_slots(tiny_gguf, cores=2, memory=1) == (4, per_slot)
+
+
+def byte_level_bpe_as_spm(tiny_bpe, folder: Path) -> Path:
+    """The tiny Llama 3-tokenizer model with its tokenizer.json as Transformers' GGUF import writes it: byte-level
+    BPE with byte_fallback on and a Sequence decoder, which llama.cpp's converter writes as an SPM vocabulary."""
+    import shutil
+    shutil.copytree(tiny_bpe[0], folder)
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    tokenizer["model"]["byte_fallback"] = True
+    tokenizer["decoder"] = {"type": "Sequence", "decoders": [tokenizer["decoder"]]}
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    return folder
+
+
+@pytest.mark.llama_cpp_source
+def test_check_refuses_a_byte_level_bpe_the_converter_would_write_as_spm(tiny_bpe, tmp_path):
+    from lib.merge import check_tokenizer
+    check_tokenizer(tiny_bpe[0])  # the original: fine
+    folder = byte_level_bpe_as_spm(tiny_bpe, tmp_path / "bad")
+    with pytest.raises(UserError, match=r'tokenizer.json is a byte-level BPE .* set "byte_fallback": false'):
+        check_tokenizer(folder)
+
+
+@needs_llama_cpp
+def test_a_server_that_cannot_answer_is_not_called_ready(tiny_bpe, tmp_path):
+    """The converter writes the tokenizer above as an SPM vocabulary; llama-server loads it, reports healthy and
+    fails every request. serve.py's one real request finds that: one line with the server's error, the log's
+    last lines, exit 1, and the server stopped (the port is free again)."""
+    folder = byte_level_bpe_as_spm(tiny_bpe, tmp_path / "bad")
+    gguf = tmp_path / "bad.gguf"
+    run_script("convert_gguf.py", "--model", folder, "--quant", "f16", "--out", gguf, "--log", tmp_path / "c.log")
+    port = free_port()
+    proc = run_script("serve.py", "start", "--background", "--model", gguf, "--port", port, "--engine",
+                      "llama-server", "--llama-server", LLAMA_SERVER, "--pid-file", tmp_path / "pid",
+                      "--log", tmp_path / "server.log", check=False)
+    assert proc.returncode == 1
+    assert re.match(r"serve.py: error: the server started but cannot answer: /(tokenize|v1/chat/completions): "
+                    r"\d{3} ", error_line(proc)), proc.stderr
+    assert "--- last lines of the server log ---" in proc.stderr
+    assert not (tmp_path / "pid").exists()
+    from lib.ports import port_in_use
+    assert not port_in_use("127.0.0.1", port)  # nothing listens there any more

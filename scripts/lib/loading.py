@@ -7,6 +7,17 @@ from pathlib import Path
 
 from lib.common import UserError, has_cuda_backend, has_nvidia_gpu
 
+
+def quiet_optional_bnb_kernel() -> None:
+    """BitsAndBytes looks for an optional CPU nf4 kernel on the Hugging Face hub (the `kernels` package) on CPUs
+    with AVX512-BF16 and warns when it is not there; its own kernel is used then, so the warning says nothing
+    a user must act on."""
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: "from kernels-community" not in record.getMessage())
+
+
 def load(model_dir: Path, adapter: Path | None, mode: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -20,6 +31,8 @@ def load(model_dir: Path, adapter: Path | None, mode: str):
         "16bit": None,
     }[mode]
     kwargs = {"quantization_config": quant} if quant else {"dtype": torch.bfloat16}
+    if quant:
+        quiet_optional_bnb_kernel()
     if torch.cuda.is_available():
         kwargs["device_map"] = "auto"
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)

@@ -267,6 +267,27 @@ def check_tokenizer(folder: Path) -> None:
             Tokenizer.from_file(str(fast))
         except Exception as e:  # the tokenizers library raises plain Exceptions for bad JSON and bad models
             raise UserError(f"{fast} cannot be read by the tokenizers library ({str(e).strip()})") from None
+        if not model.exists() and byte_level_with_byte_fallback(json.loads(fast.read_text(encoding="utf-8"))):
+            raise UserError(f"{fast} is a byte-level BPE tokenizer (pre_tokenizer ByteLevel) with \"byte_fallback\": "
+                            f"true in its \"model\": llama.cpp's converter would write it as a SentencePiece "
+                            f"vocabulary that fails every request; set \"byte_fallback\": false there, as in the "
+                            f"model's original tokenizer.json")
+
+
+def byte_level_with_byte_fallback(tokenizer: dict) -> bool:
+    """A BPE whose pre-tokenizer maps bytes to characters (GPT-2's ByteLevel) never needs byte fallback; with it
+    on, and a Sequence decoder (as Transformers' GGUF import writes them), llama.cpp's converter takes the model
+    for a SentencePiece-style Llama BPE (LlamaHfVocab) and writes an SPM vocabulary (tokenizer.ggml.model llama)
+    that llama.cpp then cannot use."""
+    model = tokenizer.get("model") or {}
+
+    def byte_level(node) -> bool:
+        if isinstance(node, dict):
+            return node.get("type") == "ByteLevel" or any(byte_level(v) for v in node.values())
+        return isinstance(node, list) and any(byte_level(v) for v in node)
+
+    return (model.get("type") == "BPE" and bool(model.get("byte_fallback")) and byte_level(tokenizer.get("pre_tokenizer"))
+            and (tokenizer.get("decoder") or {}).get("type") == "Sequence")
 
 
 def recorded_base_differs(cfg: dict, base_dir: Path) -> str | None:
