@@ -155,12 +155,12 @@ run-install-python-dependencies: install ## alias of install (seed name)
 $(STAMP): requirements.local.txt | $(AFTER_QUICK_CHECK)
 	$(call stage-start,install,Python packages into $(VENV) (torch first))
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --disable-pip-version-check -q "$(TORCH_SPEC)"
-	$(PY) -m pip install --disable-pip-version-check -q -r requirements.local.txt
+	@$(PY) -m pip install --disable-pip-version-check -q "$(TORCH_SPEC)"
+	@$(PY) -m pip install --disable-pip-version-check -q -r requirements.local.txt
 	@# llama-cpp-python's Python side only (LLAMA_BUILD=OFF): it loads vendor/llama.cpp's own libllama.so
 	@# (LLAMA_CPP_LIB_PATH), the same commit its sdist vendors, instead of compiling llama.cpp a second time
 	@printf '%s --hash=sha256:%s\n' "$(LLAMA_CPP_PYTHON)" "$(LLAMA_CPP_PYTHON_SHA256)" > $(VENV)/llama-cpp-python.txt
-	CMAKE_ARGS="-DLLAMA_BUILD=OFF" $(PY) -m pip install --disable-pip-version-check -q --no-deps --require-hashes \
+	@CMAKE_ARGS="-DLLAMA_BUILD=OFF" $(PY) -m pip install --disable-pip-version-check -q --no-deps --require-hashes \
 	  -r $(VENV)/llama-cpp-python.txt
 	$(call stage-end,install)
 	@touch $@
@@ -176,7 +176,7 @@ check: | $(STAMP) ## check QUANT, BASE_MODEL, CHECKPOINT, the adapter's config, 
 	@$(PY) scripts/check_inputs.py --quant "$(QUANT)" --base-model "$(BASE_MODEL)" $(MERGE_ARGS)
 quick-check:
 	@$(PYTHON) scripts/check_inputs.py --quick --quant "$(QUANT)" --base-model "$(BASE_MODEL)" $(MERGE_ARGS) \
-	  $(PORT_CHECK_ARGS) --make-vars "$(HINT_VARS)"
+	  $(PORT_CHECK_ARGS)
 
 # ---- vendor tools ----
 vendor: $(LLAMA_BIN)/llama-server ## fetch llama.cpp at LLAMA_CPP_COMMIT, apply patches/llama.cpp, build server, quantize, perplexity, batched-bench; clone llamafile's source
@@ -185,7 +185,7 @@ run-clone-repositories: vendor ## alias of vendor (seed name)
 
 $(LLAMA_SRC): $(wildcard patches/llama.cpp/*.patch) | $(AFTER_QUICK_CHECK)
 	$(call stage-start,llama.cpp-source,llama.cpp $(LLAMA_CPP_COMMIT) with patches/llama.cpp)
-	$(PYTHON) scripts/vendor_llama_cpp.py fetch --commit $(LLAMA_CPP_COMMIT) --repo $(LLAMA_CPP_REPO) --log $(OUT)/logs/llama.cpp.log
+	@$(PYTHON) scripts/vendor_llama_cpp.py fetch --commit $(LLAMA_CPP_COMMIT) --repo $(LLAMA_CPP_REPO) --log $(OUT)/logs/llama.cpp.log
 	$(call stage-end,llama.cpp-source)
 
 # Built again when the source, the build script (its flags) or LLAMA_BACKEND change; the script reuses a cached
@@ -193,7 +193,7 @@ $(LLAMA_SRC): $(wildcard patches/llama.cpp/*.patch) | $(AFTER_QUICK_CHECK)
 # binary is older than what changed.
 $(LLAMA_BIN)/llama-server: $(LLAMA_SRC) scripts/vendor_llama_cpp.py vendor/.llama-build-inputs | $(AFTER_QUICK_CHECK)
 	$(call stage-start,llama.cpp-build,llama-server and tools (a cached build is reused))
-	$(PYTHON) scripts/vendor_llama_cpp.py build --backend $(LLAMA_BACKEND) --log $(OUT)/logs/llama.cpp.log
+	@$(PYTHON) scripts/vendor_llama_cpp.py build --backend $(LLAMA_BACKEND) --log $(OUT)/logs/llama.cpp.log
 	$(call stage-end,llama.cpp-build)
 	@touch $@
 
@@ -212,7 +212,7 @@ base: $(BASE_DIR)/config.json ## the base model as a Hugging Face folder (BASE_M
 
 $(BASE_DIR)/config.json: | $(STAMP) $(AFTER_CHECK)
 	$(call stage-start,base,$(BASE_MODEL) as a Hugging Face folder)
-	$(PY) scripts/prepare_base.py --base-model "$(BASE_MODEL)" --out $(BASE_DIR) --cache $(OUT)/cache
+	@$(PY) scripts/prepare_base.py --base-model "$(BASE_MODEL)" --out $(BASE_DIR) --cache $(OUT)/cache
 	$(call stage-end,base)
 
 data: | $(STAMP) ## build out/data/grimm_stories.jsonl from Gutenberg #2591 (sha256-checked; GUTENBERG_TXT=local copy offline)
@@ -243,21 +243,21 @@ MERGE_ARGS = --base $(BASE_DIR) --checkpoints-dir $(CHECKPOINTS_DIR) $(if $(CHEC
 
 $(MERGED)/config.json: $(BASE_DIR)/config.json $(CHECKPOINT_FILES) $(OUT)/.merge-inputs | $(STAMP) check
 	$(call stage-start,merge,the adapter into $(MERGED))
-	$(PY) scripts/merge_lora.py $(MERGE_ARGS) --method $(MERGE_METHOD) --out $(MERGED)
+	@$(PY) scripts/merge_lora.py $(MERGE_ARGS) --method $(MERGE_METHOD) --out $(MERGED)
 	$(call stage-end,merge)
 
 ifneq ($(KEEP_MERGED)$(filter peft,$(MERGE_METHOD)),)
 merge: $(MERGED)/config.json ## merge the checkpoint (CHECKPOINTS_DIR, or CHECKPOINT=) into the base: straight into the GGUF; KEEP_MERGED=1 also keeps an HF copy in out/merged
 $(GGUF): $(MERGED)/config.json | $(CONVERT_TOOLS) $(STAMP) check
 	$(call stage-start,quantize,$(MERGED) to $@)
-	$(PY) scripts/convert_gguf.py --model $(MERGED) --quant $(QUANT) --out $@ --llama-cpp $(LLAMA_CPP) \
+	@$(PY) scripts/convert_gguf.py --model $(MERGED) --quant $(QUANT) --out $@ --llama-cpp $(LLAMA_CPP) \
 	  --log $(OUT)/logs/convert.log
 	$(call stage-end,quantize)
 else
 merge: $(GGUF)
 $(GGUF): $(BASE_DIR)/config.json $(CHECKPOINT_FILES) $(OUT)/.merge-inputs | $(CONVERT_TOOLS) $(STAMP) check
 	$(call stage-start,merge,the adapter straight into $@)
-	$(PY) scripts/merge_gguf.py $(MERGE_ARGS) --quant $(QUANT) --out $@ --llama-cpp $(LLAMA_CPP) \
+	@$(PY) scripts/merge_gguf.py $(MERGE_ARGS) --quant $(QUANT) --out $@ --llama-cpp $(LLAMA_CPP) \
 	  --log $(OUT)/logs/convert.log
 	$(call stage-end,merge)
 endif
@@ -279,7 +279,7 @@ serve: $(GGUF) | $(LLAMA_BIN)/llama-server ## serve the GGUF on HOST:PORT in the
 
 serve-bg: $(GGUF) | $(LLAMA_BIN)/llama-server ## serve in the background (pid in out/server.pid); `make stop` ends it
 	$(call stage-start,serve,$(GGUF) on $(HOST):$(PORT) in the background)
-	$(PYTHON) scripts/serve.py start --background $(SERVE_ARGS)
+	@$(PYTHON) scripts/serve.py start --background $(SERVE_ARGS)
 	$(call stage-end,serve)
 
 # ---- many fine-tunes, one base: adapters applied unmerged, chosen per request by name ----

@@ -6,8 +6,8 @@ the files' headers, no weights), the tokenizer files the merged model will take,
 records (a warning when it names another model). The first problem ends it with one line.
 
 --quick checks only what needs no installed package (QUANT, BASE_MODEL, which checkpoint, its
-adapter_config.json): `make` runs it first, with the system Python, so a mistake there stops it in a second,
-before the install and the llama.cpp build start.
+adapter_config.json, and with --port-free that the port to serve on is free): `make` runs it first, with the
+system Python, so a mistake there stops it in a second, before the install and the llama.cpp build start.
 """
 from __future__ import annotations
 
@@ -40,6 +40,9 @@ def main() -> None:
     p.add_argument("--base", required=True, type=Path, help="the base model folder make uses (may not exist yet)")
     add_checkpoint_args(p, Path("quantization/checkpoints"))
     p.add_argument("--quick", action="store_true", help="only what needs no installed package (no fit, no tokenizer)")
+    p.add_argument("--port-free", metavar="HOST:PORT", help="the address to serve on must be free, or held by the "
+                   "server of --pid-file")
+    p.add_argument("--pid-file", type=Path, help="the pid file of the server that make restarts or keeps")
     args = p.parse_args()
 
     from lib.checkpoints import read_adapter_config, select_checkpoint
@@ -53,6 +56,10 @@ def main() -> None:
     base = args.base if (args.base / "config.json").exists() else None
     cfg = read_adapter_config(ckpt)
     check_adapter_config(cfg)
+    if args.port_free:
+        from lib.ports import require_port_free
+        host, _, port = args.port_free.rpartition(":")
+        require_port_free(host, int(port), args.pid_file)
     if args.quick:
         return
     # the fit and the tokenizer files: torch, safetensors, sentencepiece and tokenizers from the venv

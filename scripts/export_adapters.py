@@ -27,6 +27,14 @@ from lib.common import ROOT, UserError, atomic_file, human_bytes, log, require_b
 OUTTYPES = ("f16", "bf16", "f32", "q8_0")
 
 
+class CannotUnmerge(UserError):
+    """It fits the base, but llama.cpp cannot apply it unmerged: served merged, it works."""
+
+
+class DoesNotFit(UserError):
+    """Its shapes or layers do not fit the base."""
+
+
 def served_name(ckpt_folder: Path) -> str:
     return ckpt_folder.name
 
@@ -63,9 +71,12 @@ def peft_folder(ckpt: Path, base: Path, dest: Path) -> int:
     cfg = read_adapter_config(ckpt)
     pairs, replace = parse_adapter(read_adapter_weights(ckpt), cfg)
     base_cfg = json.loads((base / "config.json").read_text())
-    plan_merge(CheckpointReader(base), pairs, replace, cfg, base_cfg, None)  # the fit, as the merge checks it
+    try:
+        plan_merge(CheckpointReader(base), pairs, replace, cfg, base_cfg, None)  # the fit, as the merge checks it
+    except UserError as e:
+        raise DoesNotFit(str(e)) from None
     if reason := unmerged_blocker(pairs, replace, cfg):
-        raise UserError(f"llama.cpp cannot apply it unmerged: {reason}")
+        raise CannotUnmerge(f"llama.cpp cannot apply it unmerged: {reason}")
     if not pairs:
         raise UserError("it holds no LoRA matrices")
     lora = LoraConfig.from_dict(cfg)
@@ -136,7 +147,8 @@ def main() -> int:
     p.add_argument("--log", type=Path, default=ROOT / "out" / "logs" / "convert.log", help="converter log")
     args = p.parse_args()
 
-    from lib.checkpoints import validate
+    from lib.checkpoints import read_adapter_config, validate
+    from lib.merge import recorded_base_differs
 
     require_base(args.base)
     found = checkpoints(args.checkpoints_dir, args.checkpoint, args.fallback)
@@ -149,8 +161,13 @@ def main() -> int:
             print(f"{name}: skipped: the base is served under that name; rename the checkpoint folder",
                   file=sys.stderr)
             continue
+        recorded = None
         try:
             ckpt = validate(ckpt)  # a Trainer output folder: its latest checkpoint-N (said on stderr)
+            cfg = read_adapter_config(ckpt)
+            if warning := recorded_base_differs(cfg, args.base):  # as make check says it for a merge
+                recorded = cfg["base_model_name_or_path"]
+                print(f"{name}: {warning}", file=sys.stderr)
             if up_to_date(out, ckpt, args.base):
                 log(f"{name}: up to date ({out})")
                 done.append(name)
@@ -159,7 +176,13 @@ def main() -> int:
         except UserError as e:
             out.unlink(missing_ok=True)  # an older export of a checkpoint that no longer converts is not served
             skipped.append(name)
-            print(f"{name}: skipped: {e}; serve it merged instead: make CHECKPOINT={name}", file=sys.stderr)
+            if isinstance(e, CannotUnmerge):
+                advice = f"; serve it merged instead: make CHECKPOINT={name}"
+            elif isinstance(e, DoesNotFit) and recorded:
+                advice = f"; on the base it was trained on, merged: make CHECKPOINT={name} BASE_MODEL={recorded}"
+            else:
+                advice = ""
+            print(f"{name}: skipped: {e}{advice}", file=sys.stderr)
             continue
         log(f"{name}: {n} LoRA modules -> {out} ({human_bytes(out.stat().st_size)})")
         done.append(name)

@@ -165,7 +165,26 @@ def load_converter(llama_cpp: Path):
     with stand_in_transformers(AutoConfig=ConfigFromJson):
         import conversion
     import gguf
+    quiet_same_value_rewrites(gguf)
     return conversion, gguf
+
+
+def quiet_same_value_rewrites(gguf) -> None:
+    """The converter sets some keys twice, warning each time it does: SmolLM2's add_bos_token, from its tokenizer
+    files and again for every model with a 49,152-token vocabulary ("granite small models"). A second write of
+    the value already there changes nothing; it is skipped without the warning. Other rewrites still warn."""
+    original = gguf.GGUFWriter.add_key_value
+    if getattr(original, "lora_ship", False):
+        return
+
+    def add_key_value(self, key, val, vtype, sub_type=None):
+        old = self.kv_data[0].get(key)
+        if old is not None and old.type == vtype and isinstance(val, (bool, int, float, str)) and old.value == val:
+            return None
+        return original(self, key, val, vtype, sub_type)
+
+    add_key_value.lora_ship = True
+    gguf.GGUFWriter.add_key_value = add_key_value
 
 
 def use_fast_q8_0(gguf) -> None:

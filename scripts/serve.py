@@ -15,6 +15,7 @@ because the server would otherwise answer anyone who can reach the machine.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shlex
@@ -43,7 +44,14 @@ def write_pid(pid_file: Path, pid: int, args) -> None:
     pid_file.parent.mkdir(parents=True, exist_ok=True)
     pid_file.write_text(json.dumps({"pid": pid, "host": args.host, "port": args.port, "model": str(
         Path(args.model).resolve()), "model_mtime": Path(args.model).stat().st_mtime,
-        "adapters": adapters_key(args)}) + "\n")
+        "adapters": adapters_key(args), "settings": settings_key(args)}) + "\n")
+
+
+def settings_key(args) -> list:
+    """The settings asked for (not what auto made of them, which follows the free memory): a server started
+    with other ones is restarted."""
+    return [args.engine, args.gpu_layers, str(args.ctx_size), args.parallel, args.max_tokens, args.backend_sampling,
+            args.cache_ram, args.alias, hashlib.sha256((args.api_key or "").encode()).hexdigest()[:16], args.extra_args]
 
 
 def adapters_key(args) -> str | None:
@@ -233,7 +241,7 @@ def start(args) -> None:
     if args.pid_file and (running := read_pid(args.pid_file)):
         same = (running["model"] == str(Path(args.model).resolve()) and running["port"] == args.port
                 and running["host"] == args.host and running["model_mtime"] == Path(args.model).stat().st_mtime
-                and running.get("adapters") == adapters_key(args))
+                and running.get("adapters") == adapters_key(args) and running.get("settings") == settings_key(args))
         if same and args.adapters:
             host = f"[{args.host}]" if ":" in args.host else args.host
             added = load_new_adapters(f"http://{host}:{args.port}", Path(args.adapters), args.api_key)
@@ -246,7 +254,7 @@ def start(args) -> None:
         if not args.background:
             raise UserError(f"a server is already running (pid {running['pid']}, {args.pid_file}); "
                             f"'{make_hint('stop', args)}' first")
-        log(f"restarting the server (pid {running['pid']}) to serve {args.model}")
+        log(f"restarting the server (pid {running['pid']}) to serve {args.model} with these settings")
         stop(args)
     require_port_free(args.host, args.port, None)
     engine, binary = pick_engine("llama-server" if args.adapters else args.engine, args.llamafile, args.llama_server)

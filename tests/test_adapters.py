@@ -287,3 +287,27 @@ def test_adapter_added_while_serving_goes_online_without_waiting_for_requests_in
         reader.join()
     assert not any("error" in c or c.get("stop") for _, c in chunks)  # alpha was neither failed nor ended
     assert sum(t > beta_done[0] for t, _ in chunks) == 16  # and still streaming after beta's answer
+
+
+@needs_llama_source
+def test_export_advice_follows_why_an_adapter_was_skipped(base, checkpoints, tmp_path):
+    """An adapter of another base: skipped with no advice to merge it on this one (which would be refused), but
+    with the base it records; one that fits while recording another base: exported, with make check's warning."""
+    import shutil
+    from transformers import AutoModelForCausalLM
+    folder = tmp_path / "ckpts"
+    shutil.copytree(checkpoints / "alpha", folder / "renamed")
+    cfg = json.loads((folder / "renamed" / "adapter_config.json").read_text())
+    (folder / "renamed" / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "org/x-7b"}))
+    small, _ = make_tiny_llama(tmp_path / "small-base", "spm", hidden=32)
+    make_adapter(small, folder / "small", seed=6)
+    cfg = json.loads((folder / "small" / "adapter_config.json").read_text())
+    (folder / "small" / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "org/small"}))
+    proc = run_script("export_adapters.py", "--base", base, "--checkpoints-dir", folder, "--out-dir", tmp_path / "out",
+                      "--log", tmp_path / "convert.log")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["renamed.gguf"]
+    lines = proc.stderr.splitlines()
+    assert any(line.startswith("renamed: warning: the adapter was trained on org/x-7b") for line in lines), lines
+    skipped = next(line for line in lines if line.startswith("small: skipped: "))
+    assert skipped.endswith("; on the base it was trained on, merged: make CHECKPOINT=small BASE_MODEL=org/small")
+    assert "serve it merged instead" not in skipped

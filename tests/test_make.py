@@ -3,6 +3,7 @@ import json
 import os
 import re
 import subprocess
+import time
 
 import pytest
 import torch
@@ -117,8 +118,7 @@ def test_second_make_does_nothing_again(default_run):
     _, _, args, _ = default_run
     proc = make(*args)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for step in ("prepare_base.py", "train_lora.py", "merge_gguf.py", "merge_lora.py", "convert_gguf.py"):
-        assert step not in proc.stdout
+    assert re.findall(r"^>>> (\S+): (?!done)", proc.stdout, re.M) == ["serve"]  # the only stage that runs
     assert "already serving" in proc.stdout
 
 
@@ -150,7 +150,7 @@ def test_make_merges_the_users_checkpoint(tiny_spm, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "out" / "model.q8_0.gguf").exists() and not (tmp_path / "out" / "merged").exists()
     again = make(*args, "merge")
-    assert again.returncode == 0 and "merge_gguf.py" not in again.stdout
+    assert again.returncode == 0 and ">>> merge: " not in again.stdout and "merge_gguf" not in again.stdout
     kept = make(*args, "KEEP_MERGED=1", "merge")
     assert kept.returncode == 0 and (tmp_path / "out" / "merged" / "config.json").exists()
     make_adapter(base_model, tmp_path / "ckpts" / "second")
@@ -207,9 +207,72 @@ def test_the_build_step_runs_again_when_its_inputs_change():
     try:
         changed = make(target, "LLAMA_BACKEND=cpu")
         assert changed.returncode == 0, changed.stdout[-2000:] + changed.stderr[-2000:]
-        assert "vendor_llama_cpp.py build --backend cpu" in changed.stdout
-        assert "reusing the cpu build" in changed.stdout
+        assert ">>> llama.cpp-build: " in changed.stdout and "reusing the cpu build" in changed.stdout
         again = make(target, "LLAMA_BACKEND=cpu")
-        assert again.returncode == 0 and "vendor_llama_cpp.py build" not in again.stdout
+        assert again.returncode == 0 and ">>> llama.cpp-build: " not in again.stdout
     finally:
         make(target)  # back to the default backend
+
+
+def test_make_help_lists_every_readme_variable_with_its_default():
+    """The README's variables table against `make help`: every variable there, with the default the README gives
+    (a backticked value or "empty"; a described default, such as the base folder's name, is not compared)."""
+    text = (ROOT / "README.md").read_text()
+    rows = text[text.index("| variable | default | meaning |"):].split("\n\n", 1)[0].splitlines()[2:]
+    readme = {}
+    for row in rows:
+        names_cell, defaults_cell = row.split("|")[1:3]
+        names = re.findall(r"`([A-Z][A-Z_0-9]+)`", names_cell)
+        defaults = [d.strip() for d in defaults_cell.split(", ")]
+        assert len(defaults) in (1, len(names)), row  # one default per variable, or one for all
+        for name, default in zip(names, defaults * len(names) if len(defaults) == 1 else defaults):
+            readme[name] = "" if default == "empty" else default[1:-1] if re.fullmatch(r"`[^`]*`", default) else None
+    env = {k: v for k, v in os.environ.items() if k not in readme and not k.startswith("MAKE")}
+    proc = subprocess.run(["make", "--no-print-directory", "help"], cwd=ROOT, capture_output=True, text=True,
+                          env=env, timeout=60)
+    listed = dict(re.findall(r"^  ([A-Z_0-9]+) *(.*?)$", proc.stdout.split("Variables (current value):")[1], re.M))
+    assert len(readme) > 30
+    for name, default in readme.items():
+        assert name in listed, f"{name} is in the README but not in make help"
+        if default is not None:
+            assert listed[name] == default, (name, listed[name], default)
+
+
+def readme_block(after: str) -> list[str]:
+    """The shell commands of the README's first ```sh block after the line `after` (continued lines joined,
+    comments dropped)."""
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index(after):].split("```sh\n", 1)[1].split("```", 1)[0]
+    commands = re.sub(r"\\\n\s*", "", block).splitlines()
+    return [re.sub(r"\s+#.*$", "", c).strip() for c in commands if c.strip()]
+
+
+def test_readme_first_requests_do_what_it_says_in_bounded_time(default_run):
+    """Every command of the README's "Then:" block, as a user types them after `make` (the fixture's: only the
+    port and OUT are this test's), each within a bound: the chat completion ends (its max_tokens), the
+    completion gives its tokens, /health is ok, `make chat` streams an answer, `make stop` stops the server.
+    Runs last of the tests on default_run's server, as it stops it."""
+    out, port, args, _ = default_run
+    commands = readme_block("Then:")
+    assert [c.split()[0] + " " + c.split()[1] for c in commands] == [
+        "curl -s"] * 3 + ["make chat", "make stop"], commands
+    answers = []
+    for command in commands:
+        command = command.replace("127.0.0.1:8080", f"127.0.0.1:{port}")
+        if command.startswith("make "):
+            command += " " + " ".join(args) + " --no-print-directory"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE")}
+        started = time.monotonic()
+        proc = subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True, text=True, timeout=180, env=env)
+        answers.append((proc, time.monotonic() - started))
+        assert proc.returncode == 0 and proc.stdout.strip(), (command, proc.stderr[-2000:])
+    (chat, t_chat), (completion, _), (health, _), (make_chat, t_make_chat), (stop, _) = answers
+    reply = json.loads(chat.stdout)
+    assert reply["choices"][0]["message"]["content"].strip() and reply["usage"]["completion_tokens"] <= 200
+    assert t_chat < 120, t_chat  # 200 tokens of SmolLM2 on 2 cores: seconds, not the minutes of an uncapped loop
+    assert json.loads(completion.stdout)["tokens_predicted"] <= 64 and json.loads(completion.stdout)["content"]
+    assert json.loads(health.stdout)["status"] == "ok"
+    assert len(make_chat.stdout.split()) > 5 and t_make_chat < 120
+    assert "stopped the server" in stop.stdout
+    with pytest.raises(OSError):
+        http_json(f"http://127.0.0.1:{port}/health")

@@ -215,3 +215,17 @@ def test_a_server_that_cannot_answer_is_not_called_ready(tiny_bpe, tmp_path):
     assert not (tmp_path / "pid").exists()
     from lib.ports import port_in_use
     assert not port_in_use("127.0.0.1", port)  # nothing listens there any more
+
+
+@needs_llama_cpp
+def test_requests_are_capped_at_max_tokens_unless_they_ask(tiny_gguf, tmp_path):
+    """--max-tokens (MAX_TOKENS) caps a request that sets no max_tokens / n_predict; one that does gets its own."""
+    from helpers import http_json, running_server
+    with running_server(tiny_gguf, tmp_path, extra=("--max-tokens", "12")) as url:
+        _, out = http_json(url + "/completion", {"prompt": "1 2 3", "ignore_eos": True})
+        assert out["tokens_predicted"] == 12 and out["stop_type"] == "limit"
+        _, out = http_json(url + "/completion", {"prompt": "1 2 3", "ignore_eos": True, "n_predict": 20})
+        assert out["tokens_predicted"] == 20
+        _, out = http_json(url + "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
+                                                            "ignore_eos": True})
+        assert out["usage"]["completion_tokens"] == 12 and out["choices"][0]["finish_reason"] == "length"
