@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import socket
 import subprocess
 import time
 
@@ -42,6 +43,7 @@ def default_run(tmp_path_factory):
 def test_make_serves_the_merged_model(default_run):
     out, port, _, proc = default_run
     assert "quantization/demo-checkpoint (the shipped demo adapter" in proc.stdout
+    assert f"stop it with 'make stop OUT={out} PORT={port}'" in proc.stdout  # the hint works for this OUT
     summary = proc.stdout.split(">>> stage times:")[1]  # each stage's start line, its time, then all in the summary
     for stage in ("base", "merge", "serve"):
         assert f">>> {stage}: " in proc.stdout and f">>> {stage}: done in " in proc.stdout
@@ -119,7 +121,30 @@ def test_second_make_does_nothing_again(default_run):
     proc = make(*args)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert re.findall(r"^>>> (\S+): (?!done)", proc.stdout, re.M) == ["serve"]  # the only stage that runs
+    assert "llamafile" not in proc.stdout + proc.stderr  # said once, by the first make, if at all
     assert "already serving" in proc.stdout
+
+
+def test_a_refused_run_leaves_the_next_one_nothing_to_redo(default_run):
+    _, _, args, _ = default_run
+    refused = make(*args, "CHECKPOINT=nope")
+    assert refused.returncode != 0 and "CHECKPOINT=nope: no such folder" in refused.stderr
+    assert "Waiting for unfinished jobs" not in refused.stderr + refused.stdout and "llamafile" not in refused.stdout
+    again = make(*args)
+    assert again.returncode == 0 and re.findall(r"^>>> (\S+): (?!done)", again.stdout, re.M) == ["serve"]
+
+
+def test_a_busy_port_is_found_before_anything_long(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = make(f"OUT={tmp_path}/out", f"PORT={port}", "serve-bg")
+    assert proc.returncode != 0
+    ours = [line for line in proc.stderr.splitlines() if not line.startswith("make: ***")]
+    assert ours == [f"check_inputs.py: error: port {port} on 127.0.0.1 is already in use; stop what uses it or "
+                    f"choose PORT=..."], proc.stderr
+    assert not (tmp_path / "out" / "base").exists() and not proc.stdout.strip()
 
 
 def test_make_with_missing_base_model_path(tmp_path):

@@ -168,7 +168,8 @@ def test_slots_on_a_cpu_follow_the_cores_and_the_memory(tiny_gguf, tiny_spm):
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     assert per_token == cfg.num_hidden_layers * cfg.num_key_value_heads * 2 * head_dim * 2  # f16 K and V
     per_slot = min(cfg.max_position_embeddings, 4096)
-    assert cpu_slots(tiny_gguf, cores=2, memory=1 << 40) == (16, per_slot)
+    assert cpu_slots(tiny_gguf, cores=1, memory=1 << 40) == (16, per_slot)
+    assert cpu_slots(tiny_gguf, cores=2, memory=1 << 40) == (32, per_slot)
     assert cpu_slots(tiny_gguf, cores=8, memory=1 << 40) == (32, per_slot)
     # a seventh of the memory for the KV cache: 8 slots fit where 16 would not, never fewer than 4
     assert cpu_slots(tiny_gguf, cores=2, memory=7 * 8 * per_slot * per_token) == (8, per_slot)

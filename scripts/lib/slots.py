@@ -2,9 +2,10 @@
 
 On a GPU, decoding 32 sequences costs little more than one (the weights are read once a step): 32 slots, the
 context fitted to the free memory by the engine. On a CPU a step of many sequences is also cheaper per token
-than many steps of one, up to the point where the cores, not the memory reads, set the pace: up to 8 slots a
-core (at most 32), each with its own context of up to 4,096 tokens (the model's own, if shorter), as long as
-their KV cache takes at most a seventh of the memory that is available; fewer slots where it would take more.
+than many steps of one (SmolLM2 on 2 cores: the engine decodes 25 tokens/s for one sequence, 119 for 8, 224 for
+32): up to 16 slots a core (at most 32), each with its own context of up to 4,096 tokens (the model's own, if
+shorter), as long as their KV cache takes at most a seventh of the memory that is available; fewer slots where
+it would take more.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 from lib.gguf_meta import context_length, kv_bytes_per_token, read_metadata
 
 GPU_SLOTS = 32
-CPU_SLOTS_PER_CORE, CPU_MAX_SLOTS, CPU_MIN_SLOTS = 8, 32, 4
+CPU_SLOTS_PER_CORE, CPU_MAX_SLOTS, CPU_MIN_SLOTS = 16, 32, 4
 SLOT_CONTEXT = 4096
 MEMORY_SHARE = 1 / 7
 
