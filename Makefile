@@ -18,6 +18,7 @@ HOST             ?= 127.0.0.1
 PORT             ?= 8080
 API_KEY          ?=
 ALLOW_NO_KEY     ?=
+OPEN             ?=
 ENGINE           ?= auto
 GPU_LAYERS       ?= auto
 CTX_SIZE         ?= auto
@@ -52,7 +53,7 @@ BENCH_ADAPTERS   ?=
 PYTEST_ARGS      ?=
 PIPELINE_JOBS    ?= 3
 
-HELP_VARS := BASE_MODEL BASE_NAME CHECKPOINTS_DIR CHECKPOINT DATASET GUTENBERG_TXT QUANT MERGE_METHOD HOST PORT API_KEY ALLOW_NO_KEY \
+HELP_VARS := BASE_MODEL BASE_NAME CHECKPOINTS_DIR CHECKPOINT DATASET GUTENBERG_TXT QUANT MERGE_METHOD HOST PORT API_KEY ALLOW_NO_KEY OPEN \
   ENGINE GPU_LAYERS CTX_SIZE PARALLEL MAX_TOKENS BACKEND_SAMPLING CACHE_RAM SERVER_ARGS PROMPT OUT VENV PYTHON TORCH_SPEC \
   LLAMA_CPP_COMMIT LLAMA_CPP_REPO LLAMA_CPP_PYTHON LLAMA_CPP_PYTHON_SHA256 LLAMA_BACKEND LLAMAFILE_VERSION LLAMAFILE_SHA256 \
   PIPELINE_JOBS TRAIN_STEPS RECIPE NPROC TRAIN_ARGS RUN_NAME EVAL_EVERY SAVE_EVERY LOAD MODEL GENERATE_ARGS EVAL_ARGS MODELS \
@@ -271,7 +272,7 @@ run-quantize-llama-model: quantize ## alias of quantize (seed name)
 ENGINE_ARGS = --engine $(ENGINE) --gpu-layers $(GPU_LAYERS) --ctx-size $(CTX_SIZE) --parallel $(PARALLEL) --max-tokens $(MAX_TOKENS) \
   --backend-sampling $(BACKEND_SAMPLING) --cache-ram $(CACHE_RAM) --llamafile $(LLAMAFILE) --llama-server $(LLAMA_BIN)/llama-server $(if $(SERVER_ARGS),--extra-args='$(SERVER_ARGS)')
 LISTEN_ARGS = --host $(HOST) --port $(PORT) --pid-file $(PID_FILE) --log $(OUT)/logs/server.log --make-vars "$(HINT_VARS)" \
-  $(if $(ALLOW_NO_KEY),--allow-no-key) $(ENGINE_ARGS)
+  $(if $(ALLOW_NO_KEY),--allow-no-key) $(if $(OPEN),--open) $(ENGINE_ARGS)
 SERVE_ARGS = --model $(GGUF) $(LISTEN_ARGS)
 
 serve: $(GGUF) | $(LLAMA_BIN)/llama-server ## serve the GGUF on HOST:PORT in the foreground (Ctrl-C stops)

@@ -9,6 +9,7 @@ Both speak the same API: OpenAI-style /v1/chat/completions, llama.cpp's /complet
       the base once with every out/adapters/NAME.gguf (llama-server only); a request chooses one by its
       "model" (NAME; the base by --alias), GET /v1/models lists them. Run again after adding adapter files:
       the running server loads the new ones, requests in flight go on.
+llama-server also serves the chat page in web/ at / (--path; --web '' turns it off); llamafile shows its own.
 Binds 127.0.0.1 by default; any other address needs --api-key (or --allow-no-key, at your own risk),
 because the server would otherwise answer anyone who can reach the machine.
 """
@@ -25,6 +26,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import webbrowser
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -178,7 +180,19 @@ def server_command(args, engine: str, binary: Path) -> list[str]:
         cmd += ["--cache-ram", cache_ram]
     if args.api_key:
         cmd += ["--api-key", args.api_key]
+    if engine == "llama-server" and (page := web_folder(args)):
+        cmd += ["--path", str(page)]
     return cmd + shlex.split(args.extra_args)
+
+
+def web_folder(args) -> Path | None:
+    """The folder of the chat page llama-server serves at / (its static files, --path), or None for none."""
+    if not getattr(args, "web", None):
+        return None
+    folder = Path(args.web).resolve()
+    if not (folder / "index.html").is_file():
+        raise UserError(f"no chat page at {folder}/index.html (pass --web '' to serve without one)")
+    return folder
 
 
 def wait_healthy(proc: subprocess.Popen, url: str, timeout: float, logpath: Path) -> None:
@@ -219,10 +233,12 @@ def show_tail(logpath: Path, n: int = 15) -> None:
     print("--- last lines of the server log ---\n" + "\n".join(lines) + "\n---", file=sys.stderr)
 
 
-def print_usage(url: str, api_key: str | None) -> None:
+def print_usage(url: str, api_key: str | None, page: bool) -> None:
     auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""
     print(f"""
-Server ready at {url}. Try:
+Server ready at {url}.""" + (f"""
+Chat page: {url}/  (a browser opens it with OPEN=1)""" if page else "") + f"""
+Try:
   curl -s {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' \\
        -d '{{"messages":[{{"role":"user","content":"Tell me a fairy tale"}}],"max_tokens":200}}'
   curl -s {url}/completion{auth} -d '{{"prompt":"Once upon a time","n_predict":64}}'
@@ -280,13 +296,17 @@ def start(args) -> None:
             proc.kill()
             proc.wait(timeout=30)  # its port is free when this returns
         raise
+    # llamafile's own page is at / as well (it is started with --nobrowser)
+    page = engine == "llamafile" or web_folder(args) is not None
+    if args.open and page:
+        webbrowser.open(url + "/")
     if args.background:
         if args.pid_file:
             write_pid(args.pid_file, proc.pid, args)
-        print_usage(url, args.api_key)
+        print_usage(url, args.api_key, page)
         log(f"running in the background (pid {proc.pid}); stop it with '{make_hint('stop', args)}'")
         return
-    print_usage(url, args.api_key)
+    print_usage(url, args.api_key, page)
     log("serving in the foreground; press Ctrl-C to stop")
     if args.pid_file:
         write_pid(args.pid_file, proc.pid, args)
@@ -354,6 +374,9 @@ def main() -> None:
     p.add_argument("--api-key", default=os.environ.get("API_KEY") or None)
     p.add_argument("--allow-no-key", action="store_true", help="allow a non-loopback host without an API key")
     p.add_argument("--timeout", type=float, default=120, help="seconds to wait for /health")
+    p.add_argument("--web", default=str(ROOT / "web"),
+                   help="folder of the chat page llama-server serves at / (default: %(default)s; '' for none)")
+    p.add_argument("--open", action="store_true", help="open the chat page in a browser once the server is ready")
     p.add_argument("--extra-args", default="", help="more flags for the server, as one string")
     args = p.parse_args()
     if args.action == "start":
