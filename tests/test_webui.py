@@ -153,3 +153,170 @@ def test_chat_streams_answers_with_history_regenerate_and_clear(page, server):
     p.click("#clear")
     assert p.locator(".turn").count() == 0 and p.locator("#empty").is_visible()
     assert page.errors == []
+
+
+def slots(url: str) -> list[dict]:
+    return http_json(url + "/slots")[1]
+
+
+def test_stop_aborts_mid_stream_and_the_server_frees_the_slot(page, server, tmp_path_factory):
+    p = page.page
+    # a long answer whatever the model says: ignore_eos added to the page's request on its way (still streamed)
+    p.route("**/v1/chat/completions",
+            lambda route: route.continue_(post_data=json.dumps({**route.request.post_data_json, "ignore_eos": True})))
+    page.settings(**{"max-tokens": 16000})
+    page.ask("Tell me a very long tale")
+    body = p.locator(".answer .body")
+    p.wait_for_function("() => document.querySelector('.answer .body').textContent.length > 0")
+    assert any(s["is_processing"] for s in slots(server))  # the answer is being generated now
+    shown = len(body.text_content())
+    p.wait_for_function("n => document.querySelector('.answer .body').textContent.length > n", arg=shown)
+    p.click("#stop")
+    [answer] = page.answers("stopped")
+    assert answer.locator(".stats").text_content().endswith("stopped")
+    assert p.locator("#send").is_visible() and p.locator("#stop").is_hidden()
+    # the closed connection frees the slot on the server, long before 16000 tokens
+    deadline = time.monotonic() + 10
+    while any(s["is_processing"] for s in slots(server)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(s["is_processing"] for s in slots(server)), slots(server)
+    page.settings(**{"max-tokens": 8})
+    p.unroute("**/v1/chat/completions")
+    page.ask("Another one")
+    page.answers()  # the next request is served at once
+    assert page.errors == []
+
+
+def test_compare_streams_two_models_side_by_side(browser, server):
+    page = Page(browser, server, viewport={"width": 1280, "height": 760})
+    p = page.page
+    p.wait_for_selector("#status.ok")
+    p.check("#compare-on")
+    assert p.locator("#model").is_disabled()
+    # the first two models are ticked: the base and the first adapter
+    assert [b.get_attribute("value") for b in p.locator("#compare-list input:checked").all()] == ["tiny", "alpha"]
+    page.settings(temperature=0.8, **{"max-tokens": 40, "seed": 1234})
+    requests = []
+    p.on("request", lambda r: r.url.endswith("/v1/chat/completions") and requests.append(r.post_data_json))
+    page.ask("Tell me a fairy tale")
+    answers = page.answers(n=2)
+    assert [a.get_attribute("data-model") for a in answers] == ["tiny", "alpha"]
+    # the same sampling settings and seed for both; only the model differs
+    assert len(requests) == 2 and {r.pop("model") for r in requests} == {"tiny", "alpha"}
+    assert requests[0] == requests[1] and requests[0]["seed"] == 1234 and requests[0]["temperature"] == 0.8
+    texts = {a.get_attribute("data-model"): a.locator(".body").text_content() for a in answers}
+    for model, text in texts.items():  # each is what that model says with these settings
+        want = api_answer(server, model, [{"role": "user", "content": "Tell me a fairy tale"}], temperature=0.8,
+                          top_p=0.95, max_tokens=40, seed=1234)
+        assert text and plain(text) == plain(want), model
+    assert texts["tiny"] != texts["alpha"]  # the adapter changes the answer
+    one, two = (a.bounding_box() for a in answers)
+    assert one["y"] == two["y"] and one["x"] + one["width"] <= two["x"]  # side by side
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    p.screenshot(path=str(SCREENSHOTS / "compare.png"))
+    p.set_viewport_size({"width": 390, "height": 844})  # phone width: one above the other
+    one, two = (a.bounding_box() for a in answers)
+    assert one["x"] == two["x"] and one["y"] + one["height"] <= two["y"]
+    assert page.errors == []
+    page.context.close()
+
+
+XSS = ["Hi <script>window.pwned = 'script'</script>", " <img src=x onerror=\"window.pwned = 'img'\">",
+       " **bold <img src=x onerror=\"window.pwned = 'bold'\">** and `<b>code</b>`",
+       "\n```html\n<script>window.pwned = 'fence'</script>\n<img src=x onerror=\"window.pwned = 'fence-img'\">\n```\n"]
+
+
+def test_model_output_is_rendered_as_text(page):
+    """An answer that "says" markup: the SSE stream is the server's format, answered by the browser's network
+    layer (page.route) so that the renderer gets exactly these strings."""
+    p = page.page
+    chunks = [{"choices": [{"index": 0, "delta": {"content": piece}}]} for piece in XSS]
+    sse = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+    p.route("**/v1/chat/completions", lambda route: route.fulfill(
+        status=200, headers={"Content-Type": "text/event-stream"}, body=sse))
+    page.ask("Say something dangerous")
+    [answer] = page.answers()
+    body = answer.locator(".body")
+    assert p.evaluate("window.pwned") is None
+    assert body.locator("script, img, b").count() == 0  # no element made from the model's text
+    text = body.text_content()
+    for literal in ("<script>window.pwned = 'script'</script>", "<img src=x onerror=\"window.pwned = 'img'\">",
+                    "<b>code</b>", "<img src=x onerror=\"window.pwned = 'fence-img'\">"):
+        assert literal in text
+    # the small Markdown subset still works, with the markup inside it as text
+    assert body.locator("strong").text_content() == "bold <img src=x onerror=\"window.pwned = 'bold'\">"
+    assert body.locator(":scope > code").text_content() == "<b>code</b>"
+    assert "<script>window.pwned = 'fence'</script>" in body.locator("pre code").text_content()
+    assert page.errors == []
+
+
+def test_the_page_asks_for_the_key_when_the_server_wants_one(browser, base_gguf, tmp_path):
+    with running_server(base_gguf["f16"], tmp_path, extra=("--api-key", "s3cret", "--alias", "tiny")) as url:
+        page = Page(browser, url, viewport={"width": 1280, "height": 800})
+        p = page.page
+        dialog = p.locator("#key-dialog")
+        dialog.wait_for(state="visible")  # the page loaded without a key; /v1/models answered 401
+        p.fill("#key", "wrong")
+        p.press("#key", "Enter")
+        p.wait_for_function("() => document.querySelector('#key-why').textContent.includes('refused')")
+        assert dialog.is_visible()
+        p.fill("#key", "s3cret")
+        p.press("#key", "Enter")
+        p.wait_for_selector("#status.ok")
+        assert dialog.is_hidden()
+        assert p.evaluate("sessionStorage.getItem('lora-ship.api-key')") == "s3cret"
+        assert "s3cret" not in p.url
+        page.settings(**{"max-tokens": 8})
+        page.ask("Hello")
+        [answer] = page.answers()
+        assert answer.locator(".body").text_content()
+        # only the two refused /v1/models requests show as errors (the browser logs each 401)
+        assert len(page.errors) == 2 and all("401" in e for e in page.errors), page.errors
+        page.context.close()
+
+
+def test_phone_width_dark_mode_and_keyboard(browser, server):
+    page = Page(browser, server, viewport={"width": 390, "height": 844}, color_scheme="dark")
+    p = page.page
+    p.wait_for_selector("#status.ok")
+    background = p.evaluate("getComputedStyle(document.documentElement).backgroundColor")
+    assert sum(map(int, re.findall(r"\d+", background)[:3])) < 3 * 64, background  # dark
+    assert p.locator("#sidebar").is_hidden() and p.locator("#settings-toggle").is_visible()
+    p.click("#settings-toggle")
+    assert p.locator("#sidebar").is_visible() and p.get_attribute("#settings-toggle", "aria-expanded") == "true"
+    page.settings(**{"max-tokens": 8})
+    p.click("#settings-toggle")
+    # by keyboard: Shift+Enter is a new line, Enter sends; the focus is visible
+    p.focus("#prompt")
+    p.keyboard.type("first line")
+    p.keyboard.press("Shift+Enter")
+    p.keyboard.type("second line")
+    assert p.input_value("#prompt") == "first line\nsecond line" and p.locator(".turn").count() == 0
+    assert p.evaluate("getComputedStyle(document.activeElement).outlineStyle") != "none"
+    p.keyboard.press("Enter")
+    [answer] = page.answers()
+    assert p.locator(".user").text_content() == "first line\nsecond line"
+    width = p.evaluate("document.documentElement.scrollWidth")
+    assert width <= 390, width  # nothing wider than the phone
+    assert page.errors == []
+    page.context.close()
+    light = Page(browser, server, viewport={"width": 1280, "height": 800}, color_scheme="light")
+    background = light.page.evaluate("getComputedStyle(document.documentElement).backgroundColor")
+    assert sum(map(int, re.findall(r"\d+", background)[:3])) > 3 * 192, background
+    light.context.close()
+
+
+def test_serve_prints_the_pages_url_and_opens_a_browser_only_when_asked(base_gguf, tmp_path):
+    opened = tmp_path / "opened"
+    # Python's webbrowser runs $BROWSER with the URL for %s
+    env = {"BROWSER": f"/bin/sh -c 'echo \"$0\" >> {opened}' %s"}
+    for extra in ((), ("--open",)):
+        port = free_port()
+        pid = tmp_path / f"{port}.pid"
+        proc = run_script("serve.py", "start", "--background", "--model", base_gguf["f16"], "--port", port,
+                          "--pid-file", pid, "--log", tmp_path / "server.log", "--engine", "llama-server", *extra,
+                          env=env)
+        run_script("serve.py", "stop", "--pid-file", pid)
+        assert f"Chat page: http://127.0.0.1:{port}/" in proc.stdout
+        assert opened.exists() == bool(extra)
+    assert opened.read_text() == f"http://127.0.0.1:{port}/\n"
