@@ -134,7 +134,7 @@ MERGE_INPUTS := $(BASE_DIR) $(CHECKPOINT) $(MERGE_METHOD) $(sort $(USER_CHECKPOI
 
 .PHONY: all help install check vendor llamafile base merge quantize serve serve-bg stop chat train test clean \
         package generate compare bench-merge bench-train bench-serve test-serve eval data adapters serve-adapters \
-        clean-vendor quick-check test-without-llama-cpp test-llama-cpp test-shared-reset FORCE run-install-python-dependencies run-download-llamafile run-clone-repositories \
+        clean-vendor screenshot quick-check test-without-llama-cpp test-llama-cpp test-shared-reset FORCE run-install-python-dependencies run-download-llamafile run-clone-repositories \
         run-merge-models run-quantize-llama-model
 
 all: install check vendor llamafile base merge quantize serve-bg ## the whole pipeline: install, check inputs, build, merge, quantize, serve in the background; stage times at the end
@@ -298,6 +298,13 @@ $(BASE_GGUF): $(BASE_DIR)/config.json | $(CONVERT_TOOLS) $(STAMP)
 serve-adapters: adapters | $(LLAMA_BIN)/llama-server ## one server in the background: the base once, every adapter chosen by "model": NAME (the base by BASE_NAME); run again to load new ones; `make stop` ends it
 	$(PYTHON) scripts/serve.py start --background --model $(BASE_GGUF) --adapters $(ADAPTERS_DIR) --alias $(BASE_NAME) \
 	  $(LISTEN_ARGS)
+
+# The README's picture of the chat page: tests/test_webui.py's compare test on the base and the adapters of `make
+# adapters` (SmolLM2 and the demo LoRA by default) instead of its tiny random models, copied to docs/img/
+screenshot: adapters | $(LLAMA_BIN)/llama-server $(STAMP) ## docs/img/compare.png: the chat page comparing the base with its first adapter, taken in headless Chromium by tests/test_webui.py
+	LORA_SHIP_WEBUI_BASE=$(BASE_GGUF) LORA_SHIP_WEBUI_ADAPTERS=$(ADAPTERS_DIR) LORA_SHIP_WEBUI_ALIAS=$(BASE_NAME) \
+	  LORA_SHIP_SCREENSHOTS=$(OUT)/webui $(PY) -m pytest tests/test_webui.py -k compare -q $(PYTEST_ARGS)
+	@mkdir -p docs/img && cp $(OUT)/webui/compare.png docs/img/compare.png && echo "wrote docs/img/compare.png"
 
 package: $(GGUF) | llamafile ## one self-contained executable: the llamafile binary + the GGUF + default args ($(OUT)/model.QUANT.llamafile; run it with --server)
 	$(PYTHON) scripts/package_llamafile.py --model $(GGUF) --out $(GGUF:.gguf=.llamafile) --llamafile $(LLAMAFILE) \

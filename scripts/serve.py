@@ -53,7 +53,13 @@ def settings_key(args) -> list:
     """The settings asked for (not what auto made of them, which follows the free memory): a server started
     with other ones is restarted."""
     return [args.engine, args.gpu_layers, str(args.ctx_size), args.parallel, args.max_tokens, args.backend_sampling,
-            args.cache_ram, args.alias, hashlib.sha256((args.api_key or "").encode()).hexdigest()[:16], args.extra_args]
+            args.cache_ram, args.alias, hashlib.sha256((args.api_key or "").encode()).hexdigest()[:16], args.extra_args,
+            web_key(args)]
+
+
+def web_key(args) -> str | None:
+    folder = web_folder(args)
+    return str(folder) if folder else None
 
 
 def adapters_key(args) -> str | None:
@@ -265,7 +271,11 @@ def start(args) -> None:
                 + (f"; loaded {', '.join(added)}" if added else "; no new adapters"))
             return
         if same and args.background:
-            log(f"already serving {args.model} on {args.host}:{args.port} (pid {running['pid']})")
+            host = f"[{args.host}]" if ":" in args.host else args.host
+            page = f"http://{host}:{args.port}/"
+            log(f"already serving {args.model} on {args.host}:{args.port} (pid {running['pid']}); chat page: {page}")
+            if args.open:
+                webbrowser.open(page)
             return
         if not args.background:
             raise UserError(f"a server is already running (pid {running['pid']}, {args.pid_file}); "

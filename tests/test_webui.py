@@ -99,6 +99,27 @@ def api_answer(url: str, model: str, messages: list, **sampling) -> str:
     return out["choices"][0]["message"]["content"]
 
 
+def body_text(response) -> str:
+    """A response's body as text. Chromium hands over a body whose type names no charset (llama-server's
+    text/event-stream) decoded as windows-1252, the web's Latin-1 (bytes it leaves undefined become U+0080-U+009F);
+    the page's own TextDecoder reads it as UTF-8, as the server meant. Undo the one, do the other."""
+    text, raw = response.body().decode(), bytearray()
+    for ch in text:
+        try:
+            raw += ch.encode("cp1252")
+        except UnicodeEncodeError:
+            if ord(ch) > 0xff:
+                return text  # decoded as UTF-8 after all
+            raw.append(ord(ch))
+    return raw.decode("utf-8")
+
+
+def streamed_text(sse: str) -> str:
+    """The answer in a /v1/chat/completions event stream: its content deltas, joined."""
+    chunks = [json.loads(line[5:]) for line in sse.splitlines() if line.startswith("data:") and "[DONE]" not in line]
+    return "".join((c["choices"][0]["delta"].get("content") or "") for c in chunks if c.get("choices"))
+
+
 def plain(text: str) -> str:
     """Text without the Markdown marks the page renders as formatting (the tiny model may produce a few)."""
     return re.sub(r"[`*]", "", text)
@@ -187,29 +208,47 @@ def test_stop_aborts_mid_stream_and_the_server_frees_the_slot(page, server, tmp_
     assert page.errors == []
 
 
-def test_compare_streams_two_models_side_by_side(browser, server):
+@pytest.fixture(scope="module")
+def compare_server(request, tmp_path_factory):
+    """The tiny models' server, or (`make screenshot`: LORA_SHIP_WEBUI_BASE, a GGUF, and LORA_SHIP_WEBUI_ADAPTERS,
+    a folder of adapter GGUFs) a real base with its adapters, so that the README's screenshot reads as text."""
+    gguf, adapters = os.environ.get("LORA_SHIP_WEBUI_BASE"), os.environ.get("LORA_SHIP_WEBUI_ADAPTERS")
+    if not gguf:
+        yield request.getfixturevalue("server"), 40
+        return
+    alias = os.environ.get("LORA_SHIP_WEBUI_ALIAS", "base")
+    with running_server(Path(gguf), tmp_path_factory.mktemp("webui-real"),
+                        extra=("--adapters", adapters, "--alias", alias)) as url:
+        yield url, 120
+
+
+def test_compare_streams_two_models_side_by_side(browser, compare_server):
+    server, max_tokens = compare_server
     page = Page(browser, server, viewport={"width": 1280, "height": 760})
     p = page.page
     p.wait_for_selector("#status.ok")
+    models = [o.text_content() for o in p.locator("#model option").all()]
     p.check("#compare-on")
     assert p.locator("#model").is_disabled()
     # the first two models are ticked: the base and the first adapter
-    assert [b.get_attribute("value") for b in p.locator("#compare-list input:checked").all()] == ["tiny", "alpha"]
-    page.settings(temperature=0.8, **{"max-tokens": 40, "seed": 1234})
-    requests = []
-    p.on("request", lambda r: r.url.endswith("/v1/chat/completions") and requests.append(r.post_data_json))
+    assert [b.get_attribute("value") for b in p.locator("#compare-list input:checked").all()] == models[:2]
+    page.settings(temperature=0.8, **{"max-tokens": max_tokens, "seed": 1234})
+    responses = []
+    p.on("response", lambda r: r.url.endswith("/v1/chat/completions") and responses.append(r))
     page.ask("Tell me a fairy tale")
-    answers = page.answers(n=2)
-    assert [a.get_attribute("data-model") for a in answers] == ["tiny", "alpha"]
+    answers = page.answers(n=2, timeout=180_000)
+    assert [a.get_attribute("data-model") for a in answers] == models[:2]
     # the same sampling settings and seed for both; only the model differs
-    assert len(requests) == 2 and {r.pop("model") for r in requests} == {"tiny", "alpha"}
+    requests = [r.request.post_data_json for r in responses]
+    assert len(requests) == 2 and {r.pop("model") for r in requests} == set(models[:2])
     assert requests[0] == requests[1] and requests[0]["seed"] == 1234 and requests[0]["temperature"] == 0.8
+    # each column shows what the server streamed for its model (sampled tokens can differ from a later request's
+    # with the same seed: two requests decoded in one batch round differently from one alone)
+    streamed = {r.request.post_data_json["model"]: streamed_text(body_text(r)) for r in responses}
     texts = {a.get_attribute("data-model"): a.locator(".body").text_content() for a in answers}
-    for model, text in texts.items():  # each is what that model says with these settings
-        want = api_answer(server, model, [{"role": "user", "content": "Tell me a fairy tale"}], temperature=0.8,
-                          top_p=0.95, max_tokens=40, seed=1234)
-        assert text and plain(text) == plain(want), model
-    assert texts["tiny"] != texts["alpha"]  # the adapter changes the answer
+    for model, text in texts.items():
+        assert text and plain(text) == plain(streamed[model]), model
+    assert texts[models[0]] != texts[models[1]]  # the adapter changes the answer
     one, two = (a.bounding_box() for a in answers)
     assert one["y"] == two["y"] and one["x"] + one["width"] <= two["x"]  # side by side
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
@@ -313,10 +352,12 @@ def test_serve_prints_the_pages_url_and_opens_a_browser_only_when_asked(base_ggu
     for extra in ((), ("--open",)):
         port = free_port()
         pid = tmp_path / f"{port}.pid"
-        proc = run_script("serve.py", "start", "--background", "--model", base_gguf["f16"], "--port", port,
-                          "--pid-file", pid, "--log", tmp_path / "server.log", "--engine", "llama-server", *extra,
-                          env=env)
-        run_script("serve.py", "stop", "--pid-file", pid)
+        start = ("serve.py", "start", "--background", "--model", base_gguf["f16"], "--port", port, "--pid-file", pid,
+                 "--log", tmp_path / "server.log", "--engine", "llama-server", *extra)
+        proc = run_script(*start, env=env)
         assert f"Chat page: http://127.0.0.1:{port}/" in proc.stdout
         assert opened.exists() == bool(extra)
-    assert opened.read_text() == f"http://127.0.0.1:{port}/\n"
+        again = run_script(*start, env=env)  # `make` again: the same server goes on; OPEN=1 still opens the page
+        run_script("serve.py", "stop", "--pid-file", pid)
+        assert f"already serving" in again.stdout and f"chat page: http://127.0.0.1:{port}/" in again.stdout
+    assert opened.read_text() == f"http://127.0.0.1:{port}/\n" * 2
