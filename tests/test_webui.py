@@ -180,6 +180,14 @@ def slots(url: str) -> list[dict]:
     return http_json(url + "/slots")[1]
 
 
+def assert_slots_freed(url: str) -> None:
+    """The closed connection frees the slot on the server, long before the 16000 tokens asked for."""
+    deadline = time.monotonic() + 10
+    while any(s["is_processing"] for s in slots(url)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(s["is_processing"] for s in slots(url)), slots(url)
+
+
 def test_stop_aborts_mid_stream_and_the_server_frees_the_slot(page, server, tmp_path_factory):
     p = page.page
     # a long answer whatever the model says: ignore_eos added to the page's request on its way (still streamed)
@@ -196,11 +204,13 @@ def test_stop_aborts_mid_stream_and_the_server_frees_the_slot(page, server, tmp_
     [answer] = page.answers("stopped")
     assert answer.locator(".stats").text_content().endswith("stopped")
     assert p.locator("#send").is_visible() and p.locator("#stop").is_hidden()
-    # the closed connection frees the slot on the server, long before 16000 tokens
-    deadline = time.monotonic() + 10
-    while any(s["is_processing"] for s in slots(server)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(s["is_processing"] for s in slots(server)), slots(server)
+    assert_slots_freed(server)
+    # Escape stops too
+    page.ask("Again")
+    p.wait_for_function("() => document.querySelector('.turn:last-child .answer .body').textContent.length > 0")
+    p.keyboard.press("Escape")
+    page.answers("stopped")
+    assert_slots_freed(server)
     page.settings(**{"max-tokens": 8})
     p.unroute("**/v1/chat/completions")
     page.ask("Another one")
@@ -305,6 +315,8 @@ def test_the_page_asks_for_the_key_when_the_server_wants_one(browser, base_gguf,
         assert dialog.is_hidden()
         assert p.evaluate("sessionStorage.getItem('lora-ship.api-key')") == "s3cret"
         assert "s3cret" not in p.url
+        # one model: nothing to compare, and the page says how to serve more
+        assert p.locator("#compare-on").is_disabled() and p.locator("#compare-hint").is_visible()
         page.settings(**{"max-tokens": 8})
         page.ask("Hello")
         [answer] = page.answers()
