@@ -373,3 +373,24 @@ def test_serve_prints_the_pages_url_and_opens_a_browser_only_when_asked(base_ggu
         run_script("serve.py", "stop", "--pid-file", pid)
         assert f"already serving" in again.stdout and f"chat page: http://127.0.0.1:{port}/" in again.stdout
     assert opened.read_text() == f"http://127.0.0.1:{port}/\n" * 2
+
+
+def test_the_page_waits_for_a_model_still_loading(browser, server):
+    """llama-server serves / while the model loads and answers the API with 503 until then (a foreground
+    `make serve` opened early): the page asks again. The first answer is the server's 503, made in the browser."""
+    context = browser.new_context()
+    p = context.new_page()
+    loading = {"error": {"message": "Loading model", "type": "unavailable_error", "code": 503}}
+    calls = []
+
+    def models(route):
+        calls.append(route.request.url)
+        if len(calls) == 1:
+            route.fulfill(status=503, content_type="application/json", body=json.dumps(loading))
+        else:
+            route.continue_()
+    p.route("**/v1/models", models)
+    p.goto(server + "/")
+    p.wait_for_selector("#status.ok")
+    assert len(calls) == 2 and p.locator("#model option").count() == 3
+    context.close()
