@@ -22,9 +22,10 @@ from test_adapters import base, base_gguf, checkpoints, exported  # noqa: F401 (
 pytestmark = needs_llama_cpp
 
 CHROMIUM = Path(os.environ.get("LORA_SHIP_CHROMIUM", "/usr/bin/chromium"))
-# Chromium as root in a container: no sandbox, no GPU, nothing fetched in the background
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+# Chromium as root in a container: no sandbox, no GPU, no reliance on a small /dev/shm, nothing fetched in the
+# background
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 # where the compare view's screenshot goes (`make screenshot` copies it to docs/img/compare.png)
 SCREENSHOTS = Path(os.environ.get("LORA_SHIP_SCREENSHOTS", ROOT / "out" / "webui"))
 
