@@ -18,6 +18,7 @@ HOST             ?= 127.0.0.1
 PORT             ?= 8080
 API_KEY          ?=
 ALLOW_NO_KEY     ?=
+OPEN             ?=
 ENGINE           ?= auto
 GPU_LAYERS       ?= auto
 CTX_SIZE         ?= auto
@@ -52,7 +53,7 @@ BENCH_ADAPTERS   ?=
 PYTEST_ARGS      ?=
 PIPELINE_JOBS    ?= 3
 
-HELP_VARS := BASE_MODEL BASE_NAME CHECKPOINTS_DIR CHECKPOINT DATASET GUTENBERG_TXT QUANT MERGE_METHOD HOST PORT API_KEY ALLOW_NO_KEY \
+HELP_VARS := BASE_MODEL BASE_NAME CHECKPOINTS_DIR CHECKPOINT DATASET GUTENBERG_TXT QUANT MERGE_METHOD HOST PORT API_KEY ALLOW_NO_KEY OPEN \
   ENGINE GPU_LAYERS CTX_SIZE PARALLEL MAX_TOKENS BACKEND_SAMPLING CACHE_RAM SERVER_ARGS PROMPT OUT VENV PYTHON TORCH_SPEC \
   LLAMA_CPP_COMMIT LLAMA_CPP_REPO LLAMA_CPP_PYTHON LLAMA_CPP_PYTHON_SHA256 LLAMA_BACKEND LLAMAFILE_VERSION LLAMAFILE_SHA256 \
   PIPELINE_JOBS TRAIN_STEPS RECIPE NPROC TRAIN_ARGS RUN_NAME EVAL_EVERY SAVE_EVERY LOAD MODEL GENERATE_ARGS EVAL_ARGS MODELS \
@@ -133,7 +134,7 @@ MERGE_INPUTS := $(BASE_DIR) $(CHECKPOINT) $(MERGE_METHOD) $(sort $(USER_CHECKPOI
 
 .PHONY: all help install check vendor llamafile base merge quantize serve serve-bg stop chat train test clean \
         package generate compare bench-merge bench-train bench-serve test-serve eval data adapters serve-adapters \
-        clean-vendor quick-check test-without-llama-cpp test-llama-cpp test-shared-reset FORCE run-install-python-dependencies run-download-llamafile run-clone-repositories \
+        clean-vendor screenshot quick-check test-without-llama-cpp test-llama-cpp test-shared-reset FORCE run-install-python-dependencies run-download-llamafile run-clone-repositories \
         run-merge-models run-quantize-llama-model
 
 all: install check vendor llamafile base merge quantize serve-bg ## the whole pipeline: install, check inputs, build, merge, quantize, serve in the background; stage times at the end
@@ -271,7 +272,7 @@ run-quantize-llama-model: quantize ## alias of quantize (seed name)
 ENGINE_ARGS = --engine $(ENGINE) --gpu-layers $(GPU_LAYERS) --ctx-size $(CTX_SIZE) --parallel $(PARALLEL) --max-tokens $(MAX_TOKENS) \
   --backend-sampling $(BACKEND_SAMPLING) --cache-ram $(CACHE_RAM) --llamafile $(LLAMAFILE) --llama-server $(LLAMA_BIN)/llama-server $(if $(SERVER_ARGS),--extra-args='$(SERVER_ARGS)')
 LISTEN_ARGS = --host $(HOST) --port $(PORT) --pid-file $(PID_FILE) --log $(OUT)/logs/server.log --make-vars "$(HINT_VARS)" \
-  $(if $(ALLOW_NO_KEY),--allow-no-key) $(ENGINE_ARGS)
+  $(if $(ALLOW_NO_KEY),--allow-no-key) $(if $(OPEN),--open) $(ENGINE_ARGS)
 SERVE_ARGS = --model $(GGUF) $(LISTEN_ARGS)
 
 serve: $(GGUF) | $(LLAMA_BIN)/llama-server ## serve the GGUF on HOST:PORT in the foreground (Ctrl-C stops)
@@ -297,6 +298,13 @@ $(BASE_GGUF): $(BASE_DIR)/config.json | $(CONVERT_TOOLS) $(STAMP)
 serve-adapters: adapters | $(LLAMA_BIN)/llama-server ## one server in the background: the base once, every adapter chosen by "model": NAME (the base by BASE_NAME); run again to load new ones; `make stop` ends it
 	$(PYTHON) scripts/serve.py start --background --model $(BASE_GGUF) --adapters $(ADAPTERS_DIR) --alias $(BASE_NAME) \
 	  $(LISTEN_ARGS)
+
+# The README's picture of the chat page: tests/test_webui.py's compare test on the base and the adapters of `make
+# adapters` (SmolLM2 and the demo LoRA by default) instead of its tiny random models, copied to docs/img/
+screenshot: adapters | $(LLAMA_BIN)/llama-server $(STAMP) ## docs/img/compare.png: the chat page comparing the base with its first adapter, taken in headless Chromium by tests/test_webui.py
+	LORA_SHIP_WEBUI_BASE=$(BASE_GGUF) LORA_SHIP_WEBUI_ADAPTERS=$(ADAPTERS_DIR) LORA_SHIP_WEBUI_ALIAS=$(BASE_NAME) \
+	  LORA_SHIP_SCREENSHOTS=$(OUT)/webui $(PY) -m pytest tests/test_webui.py -k compare -q $(PYTEST_ARGS)
+	@mkdir -p docs/img && cp $(OUT)/webui/compare.png docs/img/compare.png && echo "wrote docs/img/compare.png"
 
 package: $(GGUF) | llamafile ## one self-contained executable: the llamafile binary + the GGUF + default args ($(OUT)/model.QUANT.llamafile; run it with --server)
 	$(PYTHON) scripts/package_llamafile.py --model $(GGUF) --out $(GGUF:.gguf=.llamafile) --llamafile $(LLAMAFILE) \

@@ -9,6 +9,7 @@ Both speak the same API: OpenAI-style /v1/chat/completions, llama.cpp's /complet
       the base once with every out/adapters/NAME.gguf (llama-server only); a request chooses one by its
       "model" (NAME; the base by --alias), GET /v1/models lists them. Run again after adding adapter files:
       the running server loads the new ones, requests in flight go on.
+llama-server also serves the chat page in web/ at / (--path; --web '' turns it off); llamafile shows its own.
 Binds 127.0.0.1 by default; any other address needs --api-key (or --allow-no-key, at your own risk),
 because the server would otherwise answer anyone who can reach the machine.
 """
@@ -25,6 +26,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import webbrowser
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -51,7 +53,13 @@ def settings_key(args) -> list:
     """The settings asked for (not what auto made of them, which follows the free memory): a server started
     with other ones is restarted."""
     return [args.engine, args.gpu_layers, str(args.ctx_size), args.parallel, args.max_tokens, args.backend_sampling,
-            args.cache_ram, args.alias, hashlib.sha256((args.api_key or "").encode()).hexdigest()[:16], args.extra_args]
+            args.cache_ram, args.alias, hashlib.sha256((args.api_key or "").encode()).hexdigest()[:16], args.extra_args,
+            web_key(args)]
+
+
+def web_key(args) -> str | None:
+    folder = web_folder(args)
+    return str(folder) if folder else None
 
 
 def adapters_key(args) -> str | None:
@@ -178,7 +186,19 @@ def server_command(args, engine: str, binary: Path) -> list[str]:
         cmd += ["--cache-ram", cache_ram]
     if args.api_key:
         cmd += ["--api-key", args.api_key]
+    if engine == "llama-server" and (page := web_folder(args)):
+        cmd += ["--path", str(page)]
     return cmd + shlex.split(args.extra_args)
+
+
+def web_folder(args) -> Path | None:
+    """The folder of the chat page llama-server serves at / (its static files, --path), or None for none."""
+    if not getattr(args, "web", None):
+        return None
+    folder = Path(args.web).resolve()
+    if not (folder / "index.html").is_file():
+        raise UserError(f"no chat page at {folder}/index.html (pass --web '' to serve without one)")
+    return folder
 
 
 def wait_healthy(proc: subprocess.Popen, url: str, timeout: float, logpath: Path) -> None:
@@ -219,10 +239,12 @@ def show_tail(logpath: Path, n: int = 15) -> None:
     print("--- last lines of the server log ---\n" + "\n".join(lines) + "\n---", file=sys.stderr)
 
 
-def print_usage(url: str, api_key: str | None) -> None:
+def print_usage(url: str, api_key: str | None, page: bool) -> None:
     auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""
     print(f"""
-Server ready at {url}. Try:
+Server ready at {url}.""" + (f"""
+Chat page: {url}/  (a browser opens it with OPEN=1)""" if page else "") + f"""
+Try:
   curl -s {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' \\
        -d '{{"messages":[{{"role":"user","content":"Tell me a fairy tale"}}],"max_tokens":200}}'
   curl -s {url}/completion{auth} -d '{{"prompt":"Once upon a time","n_predict":64}}'
@@ -249,7 +271,11 @@ def start(args) -> None:
                 + (f"; loaded {', '.join(added)}" if added else "; no new adapters"))
             return
         if same and args.background:
-            log(f"already serving {args.model} on {args.host}:{args.port} (pid {running['pid']})")
+            host = f"[{args.host}]" if ":" in args.host else args.host
+            page = f"http://{host}:{args.port}/"
+            log(f"already serving {args.model} on {args.host}:{args.port} (pid {running['pid']}); chat page: {page}")
+            if args.open:
+                webbrowser.open(page)
             return
         if not args.background:
             raise UserError(f"a server is already running (pid {running['pid']}, {args.pid_file}); "
@@ -280,13 +306,17 @@ def start(args) -> None:
             proc.kill()
             proc.wait(timeout=30)  # its port is free when this returns
         raise
+    # llamafile's own page is at / as well (it is started with --nobrowser)
+    page = engine == "llamafile" or web_folder(args) is not None
+    if args.open and page:
+        webbrowser.open(url + "/")
     if args.background:
         if args.pid_file:
             write_pid(args.pid_file, proc.pid, args)
-        print_usage(url, args.api_key)
+        print_usage(url, args.api_key, page)
         log(f"running in the background (pid {proc.pid}); stop it with '{make_hint('stop', args)}'")
         return
-    print_usage(url, args.api_key)
+    print_usage(url, args.api_key, page)
     log("serving in the foreground; press Ctrl-C to stop")
     if args.pid_file:
         write_pid(args.pid_file, proc.pid, args)
@@ -354,6 +384,9 @@ def main() -> None:
     p.add_argument("--api-key", default=os.environ.get("API_KEY") or None)
     p.add_argument("--allow-no-key", action="store_true", help="allow a non-loopback host without an API key")
     p.add_argument("--timeout", type=float, default=120, help="seconds to wait for /health")
+    p.add_argument("--web", default=str(ROOT / "web"),
+                   help="folder of the chat page llama-server serves at / (default: %(default)s; '' for none)")
+    p.add_argument("--open", action="store_true", help="open the chat page in a browser once the server is ready")
     p.add_argument("--extra-args", default="", help="more flags for the server, as one string")
     args = p.parse_args()
     if args.action == "start":
