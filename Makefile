@@ -72,11 +72,17 @@ ifeq ($(MAKECMDGOALS),test)
 endif
 # Goals that end in a server: their quick check also makes sure the port is free (or held by our own server),
 # and it runs before anything long for them too, so a busy port is found before the merge replaces a file.
+# (serve-adapters serves every checkpoint, so its quick check is the port alone: the checks of one checkpoint
+# do not apply.)
 SERVE_GOALS := all serve serve-bg serve-adapters
 ifneq ($(if $(MAKECMDGOALS),$(filter $(SERVE_GOALS),$(MAKECMDGOALS)),all),)
   AFTER_QUICK_CHECK := quick-check
-  AFTER_CHECK := check
   PORT_CHECK_ARGS = --port-free $(HOST):$(PORT) --pid-file $(PID_FILE)
+  ifeq ($(filter serve-adapters,$(MAKECMDGOALS)),)
+    AFTER_CHECK := check
+  else
+    PORT_CHECK_ARGS += --port-only
+  endif
 endif
 # The variables given on the command line that say which server (OUT: its pid file; HOST, PORT: where), for
 # the hints printed by make's steps ('make stop OUT=out-b'), so that the command shown is the one that works.

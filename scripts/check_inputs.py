@@ -43,6 +43,7 @@ def main() -> None:
     p.add_argument("--port-free", metavar="HOST:PORT", help="the address to serve on must be free, or held by the "
                    "server of --pid-file")
     p.add_argument("--pid-file", type=Path, help="the pid file of the server that make restarts or keeps")
+    p.add_argument("--port-only", action="store_true", help="only --port-free (make serve-adapters: every checkpoint)")
     args = p.parse_args()
 
     from lib.checkpoints import read_adapter_config, select_checkpoint
@@ -50,16 +51,18 @@ def main() -> None:
     from lib.merge import check_adapter_config
     from lib.quants import quant_key
 
+    if args.port_free:
+        from lib.ports import require_port_free
+        host, _, port = args.port_free.rpartition(":")
+        require_port_free(host, int(port), args.pid_file)
+    if args.port_only:
+        return
     quant = quant_key(args.quant)
     check_base_model(args.base_model)
     ckpt = select_checkpoint(args.checkpoints_dir, args.checkpoint, args.fallback)
     base = args.base if (args.base / "config.json").exists() else None
     cfg = read_adapter_config(ckpt)
     check_adapter_config(cfg)
-    if args.port_free:
-        from lib.ports import require_port_free
-        host, _, port = args.port_free.rpartition(":")
-        require_port_free(host, int(port), args.pid_file)
     if args.quick:
         return
     # the fit and the tokenizer files: torch, safetensors, sentencepiece and tokenizers from the venv

@@ -255,7 +255,7 @@ def test_adapter_added_while_serving_goes_online_without_waiting_for_requests_in
     export = ("--base", base, "--checkpoints-dir", ckpts, "--out-dir", adapters, "--log", tmp_path / "c.log")
     run_script("export_adapters.py", *export)
     port = free_port()
-    serve = ("--adapters", adapters, "--alias", "tiny", "--ctx-size", "32768")
+    serve = ("--adapters", adapters, "--alias", "tiny", "--ctx-size", "32768", "--parallel", "4")
     with running_server(base_gguf["f16"], tmp_path, port=port, extra=serve) as url:
         req = urllib.request.Request(url + "/completion", json.dumps({
             "model": "alpha", "prompt": PROMPT, "n_predict": 32000, "ignore_eos": True, "stream": True}).encode(),
