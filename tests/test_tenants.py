@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from conftest import needs_llama_cpp
-from helpers import LLAMA_SERVER, admin_headers, error_line, free_port, run_script, running_server, server_log
+from helpers import (LLAMA_SERVER, admin_headers, error_line, free_port, make_adapter, make_tiny_llama, run_script,
+                     running_server, server_log, shared_folder)
 from test_adapters import base, base_gguf, checkpoints, exported  # noqa: F401  (the adapters' fixtures)
 
 pytestmark = needs_llama_cpp
@@ -44,6 +45,17 @@ def shared(base_gguf, exported, tmp_path_factory):  # noqa: F811
     with running_server(base_gguf["f16"], tmp, extra=extra) as url:
         yield {"url": url, "host": url.removeprefix("http://"), "tmp": tmp, "keys": keys, "keys_file": keys_file,
                "usage": usage, "adapters": adapters, "admin": admin_headers(tmp, url)["Authorization"][7:]}
+
+
+@pytest.fixture(scope="module")
+def other_base_adapter(tmp_path_factory) -> Path:
+    """An adapter exported for another base (hidden size 32, not 64): llama.cpp must refuse it on this one."""
+    def build(folder):
+        model, _ = make_tiny_llama(folder / "base", "spm", seed=7, hidden=32)
+        make_adapter(model, folder / "ckpts" / "other", seed=7)
+        run_script("export_adapters.py", "--base", folder / "base", "--checkpoints-dir", folder / "ckpts",
+                   "--out-dir", folder / "out", "--log", folder / "convert.log")
+    return shared_folder(tmp_path_factory, "tenants-other-base", build) / "out" / "other.gguf"
 
 
 def call(host: str, method: str, path: str, body=None, key: str | None = None, timeout: float = 120):
@@ -113,7 +125,7 @@ def test_admin_routes_are_off_without_an_admin_key_on_loopback_too(tiny_gguf, tm
         proc.wait(30)
 
 
-def test_adapters_load_by_name_from_the_folder_never_a_path(shared, base_gguf):  # noqa: F811
+def test_adapters_load_by_name_from_the_folder_never_a_path(shared, base_gguf, other_base_adapter):  # noqa: F811
     host, admin = shared["host"], shared["admin"]
     outside = shared["tmp"] / "outside.gguf"
     shutil.copy(shared["adapters"] / "acme-a.gguf", outside)
@@ -123,13 +135,15 @@ def test_adapters_load_by_name_from_the_folder_never_a_path(shared, base_gguf): 
         status, out = call(host, "POST", "/lora-adapters/load", body, admin)
         assert status == 400 and out["error"]["type"] == "invalid_request_error", (body, out)
     shutil.copy(base_gguf["f16"], shared["adapters"] / "not-lora.gguf")  # a model, not an adapter
-    status, out = call(host, "POST", "/lora-adapters/load", {"name": "not-lora"}, admin)
-    assert status == 400 and "failed to load LoRA adapter" in out["error"]["message"]
-    assert call(host, "GET", "/health")[0] == 200
+    shutil.copy(other_base_adapter, shared["adapters"] / "other-base.gguf")
+    for name in ("not-lora", "other-base"):
+        status, out = call(host, "POST", "/lora-adapters/load", {"name": name}, admin)
+        assert status == 400 and "failed to load LoRA adapter" in out["error"]["message"], out
+        assert call(host, "GET", "/health")[0] == 200
+        (shared["adapters"] / f"{name}.gguf").unlink()
     shutil.copy(shared["adapters"] / "acme-b.gguf", shared["adapters"] / "acme-late.gguf")
     status, out = call(host, "POST", "/lora-adapters/load", {"name": "acme-late"}, admin)
     assert status == 200 and out["name"] == "acme-late"
-    (shared["adapters"] / "not-lora.gguf").unlink()
     _, models = call(host, "GET", "/v1/models", key=shared["keys"]["acme"])
     assert "acme-late" in [m["id"] for m in models["data"]]
     status, out = call(host, "POST", "/v1/chat/completions", {"model": "acme-late", **CHAT}, shared["keys"]["acme"])
