@@ -259,8 +259,10 @@ def show_tail(logpath: Path, n: int = 15) -> None:
     print("--- last lines of the server log ---\n" + "\n".join(lines) + "\n---", file=sys.stderr)
 
 
-def print_usage(url: str, api_key: str | None, page: bool) -> None:
+def print_usage(url: str, api_key: str | None, page: bool, keys_file: Path | None = None) -> None:
     auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""
+    if keys_file and not api_key:  # a tenant's key, as `make key` printed it
+        auth = " -H \"Authorization: Bearer $KEY\""
     print(f"""
 Server ready at {url}.""" + (f"""
 Chat page: {url}/  (a browser opens it with OPEN=1)""" if page else "") + f"""
@@ -310,7 +312,8 @@ def start(args) -> None:
     probe_key = args.api_key  # the key of the check that the server answers
     if engine == "llama-server" and args.admin_key_file:
         # ADMIN_KEY or a new one, readable by this user only; it is also an inference key (tenant "admin")
-        probe_key = args.api_key or admin_key(args.admin_key_file, args.admin_key)
+        admin = admin_key(args.admin_key_file, args.admin_key)
+        probe_key = args.api_key or admin
     cmd = server_command(args, engine, binary)
     args.log.parent.mkdir(parents=True, exist_ok=True)
     log(f"starting {engine} on {args.host}:{args.port} (log: {args.log})")
@@ -340,10 +343,10 @@ def start(args) -> None:
     if args.background:
         if args.pid_file:
             write_pid(args.pid_file, proc.pid, args)
-        print_usage(url, args.api_key, page)
+        print_usage(url, args.api_key, page, args.keys_file)
         log(f"running in the background (pid {proc.pid}); stop it with '{make_hint('stop', args)}'")
         return
-    print_usage(url, args.api_key, page)
+    print_usage(url, args.api_key, page, args.keys_file)
     log("serving in the foreground; press Ctrl-C to stop")
     if args.pid_file:
         write_pid(args.pid_file, proc.pid, args)

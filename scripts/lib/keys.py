@@ -15,7 +15,6 @@ import os
 import re
 import secrets
 import tempfile
-from fnmatch import fnmatchcase
 from pathlib import Path
 
 from lib.common import UserError
@@ -83,10 +82,6 @@ def read_keys_file(path: Path) -> list[dict]:
     return [e for e in entries if e]
 
 
-def may_use(entry: dict, model: str) -> bool:
-    return any(fnmatchcase(model, p) for p in entry["models"])
-
-
 def write_private(path: Path, text: str) -> None:
     """Write text to path readable by its owner only (0600), all at once (a temporary file renamed over it)."""
     path = Path(path)
@@ -109,7 +104,8 @@ def add_key(path: Path, tenant: str, models: str) -> str:
     path = Path(path)
     old = path.read_text() if path.exists() else ("# lora-ship keys: sha256 of each key, its tenant, the models it may "
                                                    "use (docs/guide.md)\n")
-    read_keys_file(path) if path.exists() else None  # refuse to append to a file the server would not read
+    if path.exists():
+        read_keys_file(path)  # refuse to append to a file the server would not read
     key = new_key()
     line = f"{hash_key(key)} tenant={tenant} models={','.join(patterns)}\n"
     write_private(path, old + ("" if old.endswith("\n") or not old else "\n") + line)
