@@ -302,7 +302,7 @@ def test_a_revoked_key_is_refused_at_its_next_request_while_its_requests_in_flig
     from lib.keys import write_private
     host, keys = shared["host"], shared["keys"]
     conn = http.client.HTTPConnection(host, timeout=120)
-    conn.request("POST", "/completion", json.dumps({"model": "acme-a", "prompt": PROMPT, "n_predict": 1500,
+    conn.request("POST", "/completion", json.dumps({"model": "acme-a", "prompt": PROMPT, "n_predict": 800,
                                                     "ignore_eos": True, "stream": True}),
                  {"Content-Type": "application/json", "Authorization": f"Bearer {keys['temp']}"})
     r = conn.getresponse()
@@ -310,13 +310,14 @@ def test_a_revoked_key_is_refused_at_its_next_request_while_its_requests_in_flig
     text = shared["keys_file"].read_text()
     write_private(shared["keys_file"], "".join(l for l in text.splitlines(True) if "tenant=temp " not in l))
     assert call(host, "GET", "/v1/models", key=keys["temp"])[0] == 401
+    assert not [l for l in usage_lines(shared["usage"]) if l["tenant"] == "temp"]  # its stream was still running
     assert call(host, "GET", "/v1/models", key=keys["acme"])[0] == 200
     last = None
     for line in r:
         if line.startswith(b"data: {"):
             last = json.loads(line[6:])
     conn.close()
-    assert last["stop"] and last["tokens_predicted"] == 1500  # the request in flight went on to its end
+    assert last["stop"] and last["tokens_predicted"] == 800  # the request in flight went on to its end
 
 
 def test_a_broken_keys_file_keeps_the_last_good_keys_and_names_its_line(shared):
