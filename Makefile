@@ -17,6 +17,9 @@ KEEP_MERGED      ?=
 HOST             ?= 127.0.0.1
 PORT             ?= 8080
 API_KEY          ?=
+ADMIN_KEY        ?=
+KEYS_FILE        ?= $(OUT)/keys.txt
+TENANT           ?=
 ALLOW_NO_KEY     ?=
 OPEN             ?=
 ENGINE           ?= auto
@@ -53,8 +56,8 @@ BENCH_ADAPTERS   ?=
 PYTEST_ARGS      ?=
 PIPELINE_JOBS    ?= 3
 
-HELP_VARS := BASE_MODEL BASE_NAME CHECKPOINTS_DIR CHECKPOINT DATASET GUTENBERG_TXT QUANT MERGE_METHOD HOST PORT API_KEY ALLOW_NO_KEY OPEN \
-  ENGINE GPU_LAYERS CTX_SIZE PARALLEL MAX_TOKENS BACKEND_SAMPLING CACHE_RAM SERVER_ARGS PROMPT OUT VENV PYTHON TORCH_SPEC \
+HELP_VARS := BASE_MODEL BASE_NAME CHECKPOINTS_DIR CHECKPOINT DATASET GUTENBERG_TXT QUANT MERGE_METHOD HOST PORT API_KEY ADMIN_KEY KEYS_FILE TENANT \
+  ALLOW_NO_KEY OPEN ENGINE GPU_LAYERS CTX_SIZE PARALLEL MAX_TOKENS BACKEND_SAMPLING CACHE_RAM SERVER_ARGS PROMPT OUT VENV PYTHON TORCH_SPEC \
   LLAMA_CPP_COMMIT LLAMA_CPP_REPO LLAMA_CPP_PYTHON LLAMA_CPP_PYTHON_SHA256 LLAMA_BACKEND LLAMAFILE_VERSION LLAMAFILE_SHA256 \
   PIPELINE_JOBS TRAIN_STEPS RECIPE NPROC TRAIN_ARGS RUN_NAME EVAL_EVERY SAVE_EVERY LOAD MODEL GENERATE_ARGS EVAL_ARGS MODELS \
   COMPARE_ARGS KEEP_MERGED BENCH_MODEL BENCH_ADAPTERS PYTEST_ARGS
@@ -139,7 +142,7 @@ endif
 MERGE_INPUTS := $(BASE_DIR) $(CHECKPOINT) $(MERGE_METHOD) $(sort $(USER_CHECKPOINTS)) $(FALLBACK_ARG)
 
 .PHONY: all help install check vendor llamafile base merge quantize serve serve-bg stop chat train test clean \
-        package generate compare bench-merge bench-train bench-serve test-serve eval data adapters serve-adapters \
+        package generate compare key keys-reload usage bench-merge bench-train bench-serve test-serve eval data adapters serve-adapters \
         clean-vendor screenshot quick-check test-without-llama-cpp test-llama-cpp test-shared-reset FORCE run-install-python-dependencies run-download-llamafile run-clone-repositories \
         run-merge-models run-quantize-llama-model
 
@@ -152,7 +155,7 @@ help: ## list targets and variables
 	@echo "Variables (current value):"
 	@$(foreach v,$(HELP_VARS),printf "  %-18s %s\n" '$(v)' '$($(v))';)
 
-export PROMPT API_KEY
+export PROMPT API_KEY ADMIN_KEY
 
 # ---- install ----
 install: $(STAMP) ## create .venv and install requirements.local.txt (torch pinned first)
@@ -277,8 +280,10 @@ run-quantize-llama-model: quantize ## alias of quantize (seed name)
 # how the engine runs (shared with bench-serve, which starts its own server); then where this one listens
 ENGINE_ARGS = --engine $(ENGINE) --gpu-layers $(GPU_LAYERS) --ctx-size $(CTX_SIZE) --parallel $(PARALLEL) --max-tokens $(MAX_TOKENS) \
   --backend-sampling $(BACKEND_SAMPLING) --cache-ram $(CACHE_RAM) --llamafile $(LLAMAFILE) --llama-server $(LLAMA_BIN)/llama-server $(if $(SERVER_ARGS),--extra-args='$(SERVER_ARGS)')
+# KEYS_FILE is used once it exists (`make key` makes the default one); one named on the command line must exist
+KEYS_ARG = $(if $(or $(wildcard $(KEYS_FILE)),$(filter-out $(OUT)/keys.txt,$(KEYS_FILE))),--keys-file $(KEYS_FILE))
 LISTEN_ARGS = --host $(HOST) --port $(PORT) --pid-file $(PID_FILE) --log $(OUT)/logs/server.log --make-vars "$(HINT_VARS)" \
-  $(if $(ALLOW_NO_KEY),--allow-no-key) $(if $(OPEN),--open) $(ENGINE_ARGS)
+  $(KEYS_ARG) --usage-log $(OUT)/logs/usage.jsonl $(if $(ALLOW_NO_KEY),--allow-no-key) $(if $(OPEN),--open) $(ENGINE_ARGS)
 SERVE_ARGS = --model $(GGUF) $(LISTEN_ARGS)
 
 serve: $(GGUF) | $(LLAMA_BIN)/llama-server ## serve the GGUF on HOST:PORT in the foreground (Ctrl-C stops)
@@ -315,6 +320,16 @@ screenshot: adapters | $(LLAMA_BIN)/llama-server $(STAMP) ## docs/img/compare.pn
 package: $(GGUF) | llamafile ## one self-contained executable: the llamafile binary + the GGUF + default args ($(OUT)/model.QUANT.llamafile; run it with --server)
 	$(PYTHON) scripts/package_llamafile.py --model $(GGUF) --out $(GGUF:.gguf=.llamafile) --llamafile $(LLAMAFILE) \
 	  --host $(HOST) --port $(PORT)
+
+key: ## a new key for TENANT that may use MODELS (names or globs: MODELS='acme-*'), printed once; its sha256 appended to KEYS_FILE
+	@$(if $(filter command line environment,$(origin MODELS)),,echo "make key needs MODELS='acme-*' (the models this key may use)"; exit 1)
+	@$(PYTHON) scripts/keys.py add --file $(KEYS_FILE) --tenant "$(TENANT)" --models "$(MODELS)"
+
+keys-reload: ## have the running server read KEYS_FILE now (it also does by itself when the file changes)
+	@$(PYTHON) scripts/keys.py reload --url http://$(HOST):$(PORT) --admin-key-file $(PID_FILE:.pid=.admin.key)
+
+usage: ## requests, tokens and times per tenant and model, from the server's usage log ($(OUT)/logs/usage.jsonl)
+	@$(PYTHON) scripts/usage.py --log $(OUT)/logs/usage.jsonl
 
 stop: ## stop the background server (the one of this OUT)
 	@$(PYTHON) scripts/serve.py stop --pid-file $(PID_FILE) --make-vars "$(HINT_VARS)"

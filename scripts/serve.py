@@ -10,8 +10,11 @@ Both speak the same API: OpenAI-style /v1/chat/completions, llama.cpp's /complet
       "model" (NAME; the base by --alias), GET /v1/models lists them. Run again after adding adapter files:
       the running server loads the new ones, requests in flight go on.
 llama-server also serves the chat page in web/ at / (--path; --web '' turns it off); llamafile shows its own.
-Binds 127.0.0.1 by default; any other address needs --api-key (or --allow-no-key, at your own risk),
-because the server would otherwise answer anyone who can reach the machine.
+Binds 127.0.0.1 by default; any other address needs --api-key or --keys-file (or --allow-no-key, at your own
+risk), because the server would otherwise answer anyone who can reach the machine.
+llama-server only (patches/llama.cpp/0015): --keys-file gives each tenant's key its models (scripts/lib/keys.py),
+the admin routes (adapter loading, /metrics, ...) take only the admin key (ADMIN_KEY, else a new random one),
+kept in --admin-key-file (0600) for this project's own admin calls; --usage-log writes one line per request.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lib.common import ROOT, UserError, has_cuda_backend, has_nvidia_gpu, log, run_main  # noqa: E402
+from lib.keys import admin_key, read_admin_key, read_keys_file  # noqa: E402
 from lib.ports import port_in_use, read_pid, require_port_free  # noqa: E402,F401
 from lib.slots import GPU_SLOTS, cpu_slots  # noqa: E402
 
@@ -54,7 +58,8 @@ def settings_key(args) -> list:
     with other ones is restarted."""
     return [args.engine, args.gpu_layers, str(args.ctx_size), args.parallel, args.max_tokens, args.backend_sampling,
             args.cache_ram, args.alias, hashlib.sha256((args.api_key or "").encode()).hexdigest()[:16], args.extra_args,
-            web_key(args)]
+            web_key(args), str(args.keys_file or ""), str(args.usage_log or ""),
+            hashlib.sha256((args.admin_key or "").encode()).hexdigest()[:16]]
 
 
 def web_key(args) -> str | None:
@@ -99,19 +104,22 @@ def api_call(url: str, path: str, body: dict | None, api_key: str | None, timeou
         raise UserError(f"cannot reach the running server at {url} ({e})") from None
 
 
-def load_new_adapters(url: str, folder: Path, api_key: str | None) -> list[str]:
-    """Have the running server load the adapter files it does not serve yet; their names."""
+def load_new_adapters(url: str, folder: Path, admin_key_file: Path) -> list[str]:
+    """Have the running server load the adapter files it does not serve yet (by name: the server takes them from
+    its own adapters folder), with the admin key it was started with; their names."""
+    api_key = read_admin_key(admin_key_file)
+
     def call(path: str, body: dict | None = None) -> dict:
         try:
             return api_call(url, path, body, api_key)
         except Refused as e:
             raise UserError(f"the running server refused {e}") from None
 
-    served = {m["id"] for m in call("/v1/models").get("data", [])}
+    served = {Path(a["path"]).stem for a in call("/lora-adapters")}
     added = []
     for f in adapter_files(folder):
         if f.stem not in served:
-            call("/lora-adapters/load", {"path": str(f.resolve())})
+            call("/lora-adapters/load", {"name": f.stem})
             added.append(f.stem)
     return added
 
@@ -188,6 +196,18 @@ def server_command(args, engine: str, binary: Path) -> list[str]:
         cmd += ["--api-key", args.api_key]
     if engine == "llama-server" and (page := web_folder(args)):
         cmd += ["--path", str(page)]
+    if engine == "llama-server":  # keys per tenant, the admin key, usage (patches/llama.cpp/0015)
+        if args.keys_file:
+            cmd += ["--keys-file", str(Path(args.keys_file).resolve())]
+        if args.admin_key_file:
+            cmd += ["--admin-key-file", str(Path(args.admin_key_file).resolve())]
+        if args.usage_log:
+            cmd += ["--usage-log", str(Path(args.usage_log).resolve())]
+        if args.adapters:
+            cmd += ["--adapters-dir", str(Path(args.adapters).resolve())]
+        cmd += ["--metrics"]  # /metrics: the admin key only
+    elif args.keys_file:
+        raise UserError("KEYS_FILE needs llama-server (ENGINE=llama-server): llamafile has one flat --api-key")
     return cmd + shlex.split(args.extra_args)
 
 
@@ -239,8 +259,10 @@ def show_tail(logpath: Path, n: int = 15) -> None:
     print("--- last lines of the server log ---\n" + "\n".join(lines) + "\n---", file=sys.stderr)
 
 
-def print_usage(url: str, api_key: str | None, page: bool) -> None:
+def print_usage(url: str, api_key: str | None, page: bool, keys_file: Path | None = None) -> None:
     auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""
+    if keys_file and not api_key:  # a tenant's key, as `make key` printed it
+        auth = " -H \"Authorization: Bearer $KEY\""
     print(f"""
 Server ready at {url}.""" + (f"""
 Chat page: {url}/  (a browser opens it with OPEN=1)""" if page else "") + f"""
@@ -255,9 +277,12 @@ Try:
 def start(args) -> None:
     if not Path(args.model).exists():
         raise UserError(f"model file {args.model} does not exist (run 'make quantize')")
-    if args.host not in LOOPBACK and not args.api_key and not args.allow_no_key:
-        raise UserError(f"refusing to bind {args.host} without an API key: set API_KEY=... "
+    if args.host not in LOOPBACK and not args.api_key and not args.keys_file and not args.allow_no_key:
+        raise UserError(f"refusing to bind {args.host} without an API key: set API_KEY=... or KEYS_FILE=... "
                         f"(or ALLOW_NO_KEY=1 to serve without one)")
+    if args.keys_file:
+        keys = read_keys_file(args.keys_file)  # one clear error before the server would refuse to start
+        log(f"keys file {args.keys_file}: {len(keys)} key(s) for {len({k['tenant'] for k in keys})} tenant(s)")
     if args.adapters and args.engine == "llamafile":
         raise UserError("serving adapters by name needs llama-server (ENGINE=llama-server or auto)")
     if args.pid_file and (running := read_pid(args.pid_file)):
@@ -266,7 +291,7 @@ def start(args) -> None:
                 and running.get("adapters") == adapters_key(args) and running.get("settings") == settings_key(args))
         if same and args.adapters:
             host = f"[{args.host}]" if ":" in args.host else args.host
-            added = load_new_adapters(f"http://{host}:{args.port}", Path(args.adapters), args.api_key)
+            added = load_new_adapters(f"http://{host}:{args.port}", Path(args.adapters), args.admin_key_file)
             log(f"already serving {args.model} on {args.host}:{args.port} (pid {running['pid']})"
                 + (f"; loaded {', '.join(added)}" if added else "; no new adapters"))
             return
@@ -284,6 +309,11 @@ def start(args) -> None:
         stop(args)
     require_port_free(args.host, args.port, None)
     engine, binary = pick_engine("llama-server" if args.adapters else args.engine, args.llamafile, args.llama_server)
+    probe_key = args.api_key  # the key of the check that the server answers
+    if engine == "llama-server" and args.admin_key_file:
+        # ADMIN_KEY or a new one, readable by this user only; it is also an inference key (tenant "admin")
+        admin = admin_key(args.admin_key_file, args.admin_key)
+        probe_key = args.api_key or admin
     cmd = server_command(args, engine, binary)
     args.log.parent.mkdir(parents=True, exist_ok=True)
     log(f"starting {engine} on {args.host}:{args.port} (log: {args.log})")
@@ -297,7 +327,7 @@ def start(args) -> None:
     try:
         wait_healthy(proc, url, args.timeout, args.log)
         try:
-            check_answers(url, args.api_key)
+            check_answers(url, probe_key)
         except UserError:
             show_tail(args.log)
             raise
@@ -313,10 +343,10 @@ def start(args) -> None:
     if args.background:
         if args.pid_file:
             write_pid(args.pid_file, proc.pid, args)
-        print_usage(url, args.api_key, page)
+        print_usage(url, args.api_key, page, args.keys_file)
         log(f"running in the background (pid {proc.pid}); stop it with '{make_hint('stop', args)}'")
         return
-    print_usage(url, args.api_key, page)
+    print_usage(url, args.api_key, page, args.keys_file)
     log("serving in the foreground; press Ctrl-C to stop")
     if args.pid_file:
         write_pid(args.pid_file, proc.pid, args)
@@ -383,12 +413,22 @@ def main() -> None:
                    help="folder of GGUF LoRA adapters to serve beside the base, chosen per request by name")
     p.add_argument("--api-key", default=os.environ.get("API_KEY") or None)
     p.add_argument("--allow-no-key", action="store_true", help="allow a non-loopback host without an API key")
+    p.add_argument("--keys-file", type=Path, default=None,
+                   help="keys per tenant: sha256 of each key, its tenant, its models (llama-server; scripts/keys.py)")
+    p.add_argument("--admin-key", default=os.environ.get("ADMIN_KEY") or None,
+                   help="the admin key (default: $ADMIN_KEY, else a new random one each start)")
+    p.add_argument("--admin-key-file", type=Path, default=None,
+                   help="where the admin key is kept (0600) for this project's own admin calls (default: beside "
+                        "--pid-file, NAME.admin.key); with neither, the admin routes answer 403")
+    p.add_argument("--usage-log", type=Path, default=None, help="one JSON line per request (llama-server)")
     p.add_argument("--timeout", type=float, default=120, help="seconds to wait for /health")
     p.add_argument("--web", default=str(ROOT / "web"),
                    help="folder of the chat page llama-server serves at / (default: %(default)s; '' for none)")
     p.add_argument("--open", action="store_true", help="open the chat page in a browser once the server is ready")
     p.add_argument("--extra-args", default="", help="more flags for the server, as one string")
     args = p.parse_args()
+    if args.admin_key_file is None and args.pid_file:  # beside the pid file: out/server.pid -> out/server.admin.key
+        args.admin_key_file = args.pid_file.with_name(args.pid_file.stem + ".admin.key")
     if args.action == "start":
         if not args.model:
             raise UserError("start needs --model")

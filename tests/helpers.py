@@ -336,6 +336,13 @@ def running_server(gguf: Path, tmp: Path, port: int | None = None, extra: tuple 
         run_script("serve.py", "stop", "--pid-file", pid_file, check=False)
 
 
+def admin_headers(tmp: Path, url: str) -> dict:
+    """The admin key of the server running_server(gguf, tmp, ...) started at url (serve.py keeps it beside the pid
+    file), as request headers: the admin routes (/slots, /metrics, adapter loading) take no other key."""
+    key = (tmp / f"server-{url.rsplit(':', 1)[1]}.admin.key").read_text().strip()
+    return {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
+
+
 def server_log(tmp: Path, url: str) -> str:
     """The log running_server(gguf, tmp, ...) wrote for the server at url."""
     return (tmp / f"server-{url.rsplit(':', 1)[1]}.log").read_text()

@@ -69,7 +69,8 @@ def gpu_defaults(monkeypatch, gpu: bool, engine: str = "llama-server", **overrid
     monkeypatch.setattr(serve, "cpu_slots", lambda _: (16, 4096))  # lib/slots.py: tested on its own below
     args = argparse.Namespace(model="m.gguf", host="127.0.0.1", port=8080, alias="lora-ship", gpu_layers="auto",
                               ctx_size="auto", parallel="auto", max_tokens=1024, backend_sampling="auto",
-                              cache_ram="auto", api_key=None, extra_args="", adapters=None)
+                              cache_ram="auto", api_key=None, extra_args="", adapters=None, keys_file=None,
+                              admin_key_file=None, usage_log=None)
     vars(args).update(overrides)
     return serve.server_command(args, engine, LLAMA_SERVER)
 

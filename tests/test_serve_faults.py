@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import needs_llama_cpp
-from helpers import LLAMA_SERVER, error_line, free_port, run_script, running_server, server_log
+from helpers import LLAMA_SERVER, admin_headers, error_line, free_port, run_script, running_server, server_log
 
 pytestmark = needs_llama_cpp
 CTX = 1024  # per slot: small, so that an over-long prompt is cheap to send
@@ -26,9 +26,13 @@ def gguf(tiny_gguf) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(gguf, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("serve-faults")
-    with running_server(gguf, tmp, extra=("--parallel", "4", "--ctx-size", str(4 * CTX))) as url:
+def server_tmp(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("serve-faults")
+
+
+@pytest.fixture(scope="module")
+def server(gguf, server_tmp):
+    with running_server(gguf, server_tmp, extra=("--parallel", "4", "--ctx-size", str(4 * CTX))) as url:
         yield url.removeprefix("http://")
 
 
@@ -144,7 +148,7 @@ def test_huge_max_tokens_stops_at_the_context(server):
     assert_still_serving(server)
 
 
-def test_client_that_disconnects_mid_stream(server):
+def test_client_that_disconnects_mid_stream(server, server_tmp):
     """A streaming client goes away after a few chunks: the server stops that generation and frees its slot."""
     conn = http.client.HTTPConnection(server, timeout=60)
     conn.request("POST", "/completion", body=json.dumps({"prompt": "Once upon a time", "n_predict": 10**6,
@@ -160,7 +164,7 @@ def test_client_that_disconnects_mid_stream(server):
     conn.close()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        status, body = request(server, "GET", "/slots")
+        status, body = request(server, "GET", "/slots", headers=admin_headers(server_tmp, server))  # admin route
         if status == 200 and not any(s.get("is_processing") for s in json.loads(body)):
             break
         time.sleep(0.5)

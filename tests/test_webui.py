@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import needs_llama_cpp
-from helpers import ROOT, free_port, http_json, run_script, running_server
+from helpers import ROOT, admin_headers, free_port, http_json, run_script, running_server
 from test_adapters import base, base_gguf, checkpoints, exported  # noqa: F401 (fixtures: the tiny base, adapters)
 
 pytestmark = needs_llama_cpp
@@ -56,6 +56,7 @@ def server(base_gguf, exported, tmp_path_factory):
     """The tiny base (served as "tiny") with the adapters alpha and beta, chosen per request by name."""
     tmp = tmp_path_factory.mktemp("webui-server")
     with running_server(base_gguf["f16"], tmp, extra=("--adapters", exported[0]["f16"], "--alias", "tiny")) as url:
+        ADMIN[url] = admin_headers(tmp, url)  # for GET /slots, an admin route (patches/llama.cpp/0015)
         yield url
 
 
@@ -177,8 +178,11 @@ def test_chat_streams_answers_with_history_regenerate_and_clear(page, server):
     assert page.errors == []
 
 
+ADMIN: dict[str, dict] = {}  # server URL -> headers with its admin key
+
+
 def slots(url: str) -> list[dict]:
-    return http_json(url + "/slots")[1]
+    return http_json(url + "/slots", headers=ADMIN[url])[1]
 
 
 def assert_slots_freed(url: str) -> None:

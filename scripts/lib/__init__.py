@@ -9,4 +9,6 @@ merge        the merged model one tensor at a time (MergedSource), what both wri
 quants       the GGUF types QUANT can name
 loading      loading a model to generate or score with (Transformers + BitsAndBytes, llama-cpp-python)
 tales        the Grimm tales dataset: reading and the held-out split
+keys         a shared server's keys: the keys file's format, key hashes, new keys, the admin key file
+usage        the usage log of a shared server (out/logs/usage.jsonl) summed per tenant and model
 """
