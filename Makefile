@@ -27,6 +27,9 @@ MAX_TOKENS       ?= 1024
 BACKEND_SAMPLING ?= auto
 CACHE_RAM        ?= auto
 SERVER_ARGS      ?=
+REPLICAS         ?= auto
+REMOTE_REPLICAS  ?=
+BALANCER         ?= auto
 PROMPT           ?= Tell me a fairy tale
 OUT              ?= out
 VENV             ?= .venv
@@ -54,7 +57,8 @@ PYTEST_ARGS      ?=
 PIPELINE_JOBS    ?= 3
 
 HELP_VARS := BASE_MODEL BASE_NAME CHECKPOINTS_DIR CHECKPOINT DATASET GUTENBERG_TXT QUANT MERGE_METHOD HOST PORT API_KEY ALLOW_NO_KEY OPEN \
-  ENGINE GPU_LAYERS CTX_SIZE PARALLEL MAX_TOKENS BACKEND_SAMPLING CACHE_RAM SERVER_ARGS PROMPT OUT VENV PYTHON TORCH_SPEC \
+  ENGINE GPU_LAYERS CTX_SIZE PARALLEL MAX_TOKENS BACKEND_SAMPLING CACHE_RAM SERVER_ARGS REPLICAS REMOTE_REPLICAS BALANCER PROMPT OUT \
+  VENV PYTHON TORCH_SPEC \
   LLAMA_CPP_COMMIT LLAMA_CPP_REPO LLAMA_CPP_PYTHON LLAMA_CPP_PYTHON_SHA256 LLAMA_BACKEND LLAMAFILE_VERSION LLAMAFILE_SHA256 \
   PIPELINE_JOBS TRAIN_STEPS RECIPE NPROC TRAIN_ARGS RUN_NAME EVAL_EVERY SAVE_EVERY LOAD MODEL GENERATE_ARGS EVAL_ARGS MODELS \
   COMPARE_ARGS KEEP_MERGED BENCH_MODEL BENCH_ADAPTERS PYTEST_ARGS
@@ -72,7 +76,7 @@ ifeq ($(MAKECMDGOALS),test)
 endif
 # Goals that end in a server: their quick check also makes sure the port is free (or held by our own server),
 # and it runs before anything long for them too, so a busy port is found before the merge replaces a file.
-SERVE_GOALS := all serve serve-bg serve-adapters
+SERVE_GOALS := all serve serve-bg serve-adapters serve-replica
 ifneq ($(if $(MAKECMDGOALS),$(filter $(SERVE_GOALS),$(MAKECMDGOALS)),all),)
   AFTER_QUICK_CHECK := quick-check
   AFTER_CHECK := check
@@ -132,7 +136,7 @@ ifeq ($(strip $(USER_CHECKPOINTS)$(CHECKPOINT)),)
 endif
 MERGE_INPUTS := $(BASE_DIR) $(CHECKPOINT) $(MERGE_METHOD) $(sort $(USER_CHECKPOINTS)) $(FALLBACK_ARG)
 
-.PHONY: all help install check vendor llamafile base merge quantize serve serve-bg stop chat train test clean \
+.PHONY: all help install check vendor llamafile base merge quantize serve serve-bg stop status serve-replica chat train test clean \
         package generate compare bench-merge bench-train bench-serve test-serve eval data adapters serve-adapters \
         clean-vendor screenshot quick-check test-without-llama-cpp test-llama-cpp test-shared-reset FORCE run-install-python-dependencies run-download-llamafile run-clone-repositories \
         run-merge-models run-quantize-llama-model
@@ -271,8 +275,10 @@ run-quantize-llama-model: quantize ## alias of quantize (seed name)
 # how the engine runs (shared with bench-serve, which starts its own server); then where this one listens
 ENGINE_ARGS = --engine $(ENGINE) --gpu-layers $(GPU_LAYERS) --ctx-size $(CTX_SIZE) --parallel $(PARALLEL) --max-tokens $(MAX_TOKENS) \
   --backend-sampling $(BACKEND_SAMPLING) --cache-ram $(CACHE_RAM) --llamafile $(LLAMAFILE) --llama-server $(LLAMA_BIN)/llama-server $(if $(SERVER_ARGS),--extra-args='$(SERVER_ARGS)')
+# REPLICAS engines behind HAProxy (BALANCER) where there is more than one, or REMOTE_REPLICAS
+REPLICA_ARGS = --replicas $(REPLICAS) --balancer $(BALANCER) $(if $(REMOTE_REPLICAS),--remote-replicas '$(REMOTE_REPLICAS)')
 LISTEN_ARGS = --host $(HOST) --port $(PORT) --pid-file $(PID_FILE) --log $(OUT)/logs/server.log --make-vars "$(HINT_VARS)" \
-  $(if $(ALLOW_NO_KEY),--allow-no-key) $(if $(OPEN),--open) $(ENGINE_ARGS)
+  $(if $(ALLOW_NO_KEY),--allow-no-key) $(if $(OPEN),--open) $(ENGINE_ARGS) $(REPLICA_ARGS)
 SERVE_ARGS = --model $(GGUF) $(LISTEN_ARGS)
 
 serve: $(GGUF) | $(LLAMA_BIN)/llama-server ## serve the GGUF on HOST:PORT in the foreground (Ctrl-C stops)
@@ -310,8 +316,16 @@ package: $(GGUF) | llamafile ## one self-contained executable: the llamafile bin
 	$(PYTHON) scripts/package_llamafile.py --model $(GGUF) --out $(GGUF:.gguf=.llamafile) --llamafile $(LLAMAFILE) \
 	  --host $(HOST) --port $(PORT)
 
-stop: ## stop the background server (the one of this OUT)
+stop: ## stop the background server of this OUT (or its replicas and their balancer)
 	@$(PYTHON) scripts/serve.py stop --pid-file $(PID_FILE) --make-vars "$(HINT_VARS)"
+
+status: ## what serves: each replica's state, model, uptime, requests served (HAProxy's counts), or the one server
+	@$(PYTHON) scripts/serve.py status --pid-file $(PID_FILE) --make-vars "$(HINT_VARS)"
+
+serve-replica: $(GGUF) | $(LLAMA_BIN)/llama-server ## one engine in the background for a balancer on another machine (REMOTE_REPLICAS there): HOST=its address PORT= API_KEY=
+	$(PYTHON) scripts/serve.py start --background --model $(GGUF) --host $(HOST) --port $(PORT) --pid-file $(PID_FILE) \
+	  --log $(OUT)/logs/server.log --make-vars "$(HINT_VARS)" $(if $(ALLOW_NO_KEY),--allow-no-key) $(ENGINE_ARGS) \
+	  --replicas 1 --balancer none
 
 chat: ## send PROMPT to the running server and stream the answer
 	@$(PYTHON) scripts/chat.py --url http://$(HOST):$(PORT)
