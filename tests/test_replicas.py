@@ -270,3 +270,60 @@ def test_missing_balancer_is_one_line(tiny_gguf, tmp_path):
     assert error_line(bad) == "serve.py: error: REPLICAS must be a number of at least 1 or auto, not 'two'"
     bad = run_script("serve.py", "start", "--model", tiny_gguf, "--remote-replicas", "10.0.0.2", check=False)
     assert error_line(bad) == "serve.py: error: REMOTE_REPLICAS: '10.0.0.2' is not host:port"
+
+
+@pytest.fixture
+def namespace():
+    """A network namespace joined to this one by a veth pair: (its name, the address inside, the address here)."""
+    tag = uuid.uuid4().hex[:6]
+    ns, here, there = f"ls-{tag}", f"lsh{tag}", f"lsn{tag}"
+    subnet = f"10.{200 + int(tag[:2], 16) % 50}.{int(tag[2:4], 16)}"
+    steps = [["ip", "netns", "add", ns], ["ip", "link", "add", here, "type", "veth", "peer", "name", there],
+             ["ip", "link", "set", there, "netns", ns], ["ip", "addr", "add", f"{subnet}.1/24", "dev", here],
+             ["ip", "link", "set", here, "up"], ["ip", "-n", ns, "addr", "add", f"{subnet}.2/24", "dev", there],
+             ["ip", "-n", ns, "link", "set", there, "up"], ["ip", "-n", ns, "link", "set", "lo", "up"]]
+    try:
+        for step in steps:
+            r = subprocess.run(step, capture_output=True, text=True)
+            if r.returncode != 0:
+                pytest.skip(f"cannot make a network namespace ({' '.join(step[:3])}: {r.stderr.strip()}; "
+                            f"needs root and iproute2)")
+        yield ns, f"{subnet}.2", f"{subnet}.1"
+    finally:
+        subprocess.run(["ip", "link", "del", here], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+@needs_haproxy
+def test_a_replica_on_another_machine(tiny_gguf, tmp_path, namespace, replicas_pid):
+    """`make serve-replica` on "another machine" (a network namespace: its own address, no loopback shared with
+    this one), bound to its address with its key, joins one local replica through REMOTE_REPLICAS."""
+    ns, there, _ = namespace
+    remote_pid = tmp_path / "remote" / "server.pid"
+    remote_pid.parent.mkdir()
+    proc = subprocess.run(["ip", "netns", "exec", ns, sys.executable, ROOT / "scripts" / "serve.py", "start",
+                           "--background", "--model", tiny_gguf, "--host", there, "--port", "8080", "--api-key", KEY,
+                           "--pid-file", remote_pid, "--log", tmp_path / "remote" / "server.log", "--engine",
+                           "llama-server", "--llama-server", LLAMA_SERVER, "--replicas", "1", "--balancer", "none"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    try:
+        engine = json.loads(remote_pid.read_text())["pid"]  # another network namespace than this one's
+        assert os.readlink(f"/proc/{engine}/ns/net") != os.readlink("/proc/self/ns/net")
+        hostport, pid_file, _ = start(tiny_gguf, tmp_path, "--replicas", 1, "--api-key", KEY, "--remote-replicas",
+                                      f"{there}:8080")
+        wait_until("the remote replica UP", lambda: live(pid_file)["remote0"]["status"] == "UP", 15)
+        assert request(hostport, "/completion", {"prompt": "Hi", "n_predict": 2}, key=None)[0] == 401
+        threads = [threading.Thread(target=request, args=(hostport, "/completion", {
+            "prompt": "Once upon a time", "n_predict": 24, "ignore_eos": True})) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        served = {name: s["served"] for name, s in live(pid_file).items()}
+        assert served["r0"] >= 1 and served["remote0"] >= 1, served
+        assert "prompt eval time" in (tmp_path / "remote" / "server.log").read_text()  # it did the work
+        status = run_script("serve.py", "status", "--pid-file", pid_file).stdout
+        assert any(l.split()[:3] == ["remote0", f"{there}:8080", "UP"] for l in status.splitlines()), status
+    finally:
+        run_script("serve.py", "stop", "--pid-file", remote_pid, check=False)
