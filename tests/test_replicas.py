@@ -327,3 +327,39 @@ def test_a_replica_on_another_machine(tiny_gguf, tmp_path, namespace, replicas_p
         assert any(l.split()[:3] == ["remote0", f"{there}:8080", "UP"] for l in status.splitlines()), status
     finally:
         run_script("serve.py", "stop", "--pid-file", remote_pid, check=False)
+
+
+@needs_haproxy
+def test_one_conversation_stays_on_one_replica(tiny_gguf, tmp_path, replicas_pid):
+    """Affinity: the requests of one conversation (X-Session-Id, or the JSON "user" field) all go to one replica
+    while it is up, and move to another when it is down; requests without a name still spread."""
+    hostport, pid_file, _ = start(tiny_gguf, tmp_path, "--replicas", 2)
+
+    def where(send) -> dict:
+        before = live(pid_file)
+        send()
+        after = live(pid_file)
+        return {name: after[name]["served"] - before[name]["served"] for name in after if
+                after[name]["served"] != before[name]["served"]}
+
+    body = {"prompt": "Once upon a time", "n_predict": 2}
+    by_header = {name: where(lambda: [request(hostport, "/completion", body, headers={"X-Session-Id": name})
+                                      for _ in range(5)]) for name in ("alice", "bob", "carol", "dave")}
+    assert all(len(d) == 1 and sum(d.values()) == 5 for d in by_header.values()), by_header
+    assert len({next(iter(d)) for d in by_header.values()}) == 2, by_header  # different conversations: both used
+    by_user = where(lambda: [request(hostport, "/v1/chat/completions", {
+        "user": "erin", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]}) for _ in range(5)])
+    assert len(by_user) == 1 and sum(by_user.values()) == 5, by_user
+    unnamed = where(lambda: [request(hostport, "/completion", body) for _ in range(6)])
+    assert len(unnamed) == 2, unnamed  # least outstanding requests: with none in flight, in turn
+    # the conversation's replica goes down: it moves to the other one and stays there
+    home = next(iter(by_header["alice"]))
+    victim = next(r for r in state(pid_file)["replicas"] if r["name"] == home)["pid"]
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        wait_until(f"{home} DOWN", lambda: live(pid_file)[home]["status"].startswith("DOWN"), 15)
+        moved = where(lambda: [request(hostport, "/completion", body, headers={"X-Session-Id": "alice"})
+                               for _ in range(3)])
+        assert len(moved) == 1 and home not in moved, moved
+    finally:
+        os.kill(victim, signal.SIGCONT)
