@@ -267,7 +267,8 @@ def start(args) -> None:
     if replicas.wanted(args):  # several engines behind the balancer (lib/replicas.py)
         return replicas.start(args, sys.modules[__name__])
     if args.pid_file and (running := read_pid(args.pid_file)):
-        same = ("replicas" not in running and running["model"] == str(Path(args.model).resolve()) and running["port"] == args.port
+        same = ("replicas" not in running
+                and running["model"] == str(Path(args.model).resolve()) and running["port"] == args.port
                 and running["host"] == args.host and running["model_mtime"] == Path(args.model).stat().st_mtime
                 and running.get("adapters") == adapters_key(args) and running.get("settings") == settings_key(args))
         if same and args.adapters:

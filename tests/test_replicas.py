@@ -20,6 +20,7 @@ import pytest
 
 from conftest import needs_llama_cpp
 from helpers import LLAMA_SERVER, ROOT, error_line, free_port, run_script
+from lib.common import UserError
 
 pytestmark = needs_llama_cpp
 KEY = "sk-test-replicas"
@@ -142,6 +143,69 @@ class Load:
     def count(self) -> int:
         with self.lock:
             return len(self.results)
+
+
+def plan_args(tmp_path, **overrides):
+    import argparse
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    args = argparse.Namespace(
+        model=gguf, host="127.0.0.1", port=8080, alias="lora-ship", gpu_layers="auto", ctx_size=0, parallel="auto",
+        backend_sampling="auto", cache_ram="auto", api_key="k", extra_args="", adapters=None, engine="llama-server",
+        llamafile=tmp_path / "none", llama_server=LLAMA_SERVER, replicas="auto", remote_replicas="", balancer="auto",
+        affinity="on", check_interval_ms=1000, pid_file=tmp_path / "server.pid", log=tmp_path / "server.log",
+        timeout=60)
+    vars(args).update(overrides)
+    return args
+
+
+def test_plan_one_gpu_each_or_a_share_of_the_cores(monkeypatch, tmp_path):
+    import serve
+    from lib import balancer, replicas
+    monkeypatch.setattr(balancer, "find_haproxy", lambda: "/usr/sbin/haproxy")
+    monkeypatch.setattr(replicas, "cpu_ids", lambda: list(range(16)))
+    for module in (serve, replicas):
+        monkeypatch.setattr(module, "has_cuda_backend", lambda _: True)
+    monkeypatch.setattr(serve, "has_nvidia_gpu", lambda: True)
+    monkeypatch.setattr(replicas, "gpu_ids", lambda: ["0", "1", "2", "3"])
+    args = plan_args(tmp_path, remote_replicas="10.0.0.2:8080, [fd00::2]:9000")
+    assert replicas.wanted(args)
+    spec = replicas.plan(args, serve)
+    assert [r["env"] for r in spec["replicas"]] == [{"CUDA_VISIBLE_DEVICES": g} for g in "0123"]
+    for r in spec["replicas"]:
+        cmd = r["cmd"]
+        assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--port") + 1] == str(r["port"])
+        assert cmd[cmd.index("-ngl") + 1] == "999" and cmd[cmd.index("--api-key") + 1] == "k"
+        assert cmd[cmd.index("-t") + 1] == "4" and r["cpus"] == []
+    assert len({r["port"] for r in spec["replicas"]}) == 4
+    assert spec["remote"] == [{"name": "remote0", "addr": "10.0.0.2:8080"},
+                              {"name": "remote1", "addr": "[fd00::2]:9000"}]
+    # a CPU machine: auto is one process, no balancer; N replicas share the cores
+    monkeypatch.setattr(replicas, "gpu_ids", lambda: [])
+    monkeypatch.setattr(serve, "has_nvidia_gpu", lambda: False)
+    assert not replicas.wanted(plan_args(tmp_path))
+    assert replicas.wanted(plan_args(tmp_path, balancer="haproxy"))  # one replica behind it: its cost measured
+    spec = replicas.plan(plan_args(tmp_path, replicas="2"), serve)
+    assert [r["cpus"] for r in spec["replicas"]] == [list(range(8)), list(range(8, 16))]
+    assert all(r["env"] == {} and r["cmd"][r["cmd"].index("-t") + 1] == "8" for r in spec["replicas"])
+    with pytest.raises(UserError, match="BALANCER=none serves one process"):
+        replicas.wanted(plan_args(tmp_path, replicas="2", balancer="none"))
+
+
+def test_balancer_config(tmp_path):
+    from lib import balancer
+    cfg = balancer.render("0.0.0.0", 8080, [("r0", "127.0.0.1:9001"), ("remote0", "10.0.0.2:8080")],
+                          tmp_path / "s.sock", affinity=False)
+    assert "bind 0.0.0.0:8080" in cfg and "balance leastconn" in cfg and "option httpchk GET /health" in cfg
+    assert "retry-on conn-failure empty-response response-timeout" in cfg and "option redispatch 1" in cfg
+    assert "server remote0 10.0.0.2:8080" in cfg
+    assert "http-buffer-request" not in cfg and "be_affinity" not in cfg  # nothing buffered without affinity
+    with_affinity = balancer.render("127.0.0.1", 8080, [("r0", "127.0.0.1:9001")], tmp_path / "s.sock")
+    assert "balance hash var(txn.session)" in with_affinity and "hash-type consistent" in with_affinity
+    if HAPROXY:  # haproxy itself accepts both
+        for text in (cfg, with_affinity):
+            (tmp_path / "h.cfg").write_text(text)
+            balancer.check_config(HAPROXY, tmp_path / "h.cfg")
 
 
 @pytest.fixture

@@ -75,8 +75,9 @@ AFFINITY_FRONTEND = """\
     # are buffered, and only the request)
     http-request set-var(txn.session) req.hdr({header}) if {{ req.hdr({header}) -m found }}
     option http-buffer-request
-    http-request set-var(txn.session) req.body,json_query('$.user') if !{{ var(txn.session) -m found }} {{ req.body_size gt 0 }}
-    use_backend be_affinity if {{ var(txn.session) -m found }}
+    acl named var(txn.session) -m found
+    http-request set-var(txn.session) req.body,json_query('$.user') if !named {{ req.body_size gt 0 }}
+    use_backend be_affinity if named
 """
 
 AFFINITY_BACKEND = """\

@@ -20,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 from .common import ROOT, UserError, has_cuda_backend, log
@@ -37,7 +36,9 @@ def gpu_ids() -> list[str]:
         r = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return []
-    return [str(i) for i, line in enumerate(r.stdout.splitlines()) if line.startswith("GPU ")] if r.returncode == 0 else []
+    if r.returncode != 0:
+        return []
+    return [str(i) for i, line in enumerate(r.stdout.splitlines()) if line.startswith("GPU ")]
 
 
 def cpu_ids() -> list[int]:
@@ -102,11 +103,9 @@ def plan(args, serve, ports: list[int] | None = None) -> dict:
     """The spec the supervisor runs: each replica's command, environment and CPU cores, the balancer's address."""
     from .balancer import find_haproxy
     haproxy = find_haproxy()
-    engine, binary = serve.pick_engine("llama-server" if args.adapters else args.engine, args.llamafile,
-                                       args.llama_server)
-    gpus = gpu_ids()
-    on_gpu = bool(gpus) and args.gpu_layers != "0" and (engine == "llamafile" or has_cuda_backend(binary.parent))
-    n = count(args.replicas, gpus if on_gpu else [])
+    engine, binary, gpus = engine_and_gpus(args, serve)
+    on_gpu = bool(gpus)
+    n = count(args.replicas, gpus)
     cpus = cpu_ids()
     share = max(1, len(cpus) // n)
     ports = ports or [free_port() for _ in range(n)]
@@ -165,7 +164,7 @@ def start(args, serve) -> None:
         old = read_json(folder / "spec.json") or {}
         state = read_json(folder / "state.json") or {}
         ports = [r["port"] for r in old.get("replicas", [])]
-        spec = plan(args, serve, ports if len(ports) == count_for(args, serve) else None)
+        spec = plan(args, serve, ports if len(ports) == count(args.replicas, engine_and_gpus(args, serve)[2]) else None)
         if old and layout(old) == layout(spec) and state.get("phase") in ("ready", "failed-rollout"):
             if engines(old) == engines(spec):
                 log(f"already serving {args.model} on {args.host}:{args.port} with {len(ports)} replica(s) "
@@ -226,12 +225,13 @@ def start(args, serve) -> None:
             args.pid_file.unlink(missing_ok=True)
 
 
-def count_for(args, serve) -> int:
+def engine_and_gpus(args, serve) -> tuple[str, Path, list[str]]:
+    """The engine serve.py would run, its binary, and the GPUs the replicas go on (none: the model on the CPU)."""
     engine, binary = serve.pick_engine("llama-server" if args.adapters else args.engine, args.llamafile,
                                        args.llama_server)
     gpus = gpu_ids()
     on_gpu = bool(gpus) and args.gpu_layers != "0" and (engine == "llamafile" or has_cuda_backend(binary.parent))
-    return count(args.replicas, gpus if on_gpu else [])
+    return engine, binary, gpus if on_gpu else []
 
 
 def wait_phase(proc: subprocess.Popen | None, folder: Path, generation: int, timeout: float, sup_log: Path,
