@@ -137,7 +137,7 @@ endif
 MERGE_INPUTS := $(BASE_DIR) $(CHECKPOINT) $(MERGE_METHOD) $(sort $(USER_CHECKPOINTS)) $(FALLBACK_ARG)
 
 .PHONY: all help install check vendor llamafile base merge quantize serve serve-bg stop status serve-replica chat train test clean \
-        package generate compare bench-merge bench-train bench-serve test-serve eval data adapters serve-adapters \
+        package generate compare bench-merge bench-train bench-serve bench-affinity test-serve eval data adapters serve-adapters \
         clean-vendor screenshot quick-check test-without-llama-cpp test-llama-cpp test-shared-reset FORCE run-install-python-dependencies run-download-llamafile run-clone-repositories \
         run-merge-models run-quantize-llama-model
 
@@ -341,10 +341,14 @@ COMPARE_ARGS ?= --greedy --max-new-tokens 64
 compare: | $(STAMP) ## the same PROMPT through each of MODELS (folders or .gguf, :nf4/:int8 for a load mode): load time, tokens/s, memory
 	$(PY) scripts/compare.py $(MODELS) --prompt "$$PROMPT" -- $(COMPARE_ARGS)
 
-bench-serve: $(GGUF) $(if $(BENCH_ADAPTERS),adapters) | $(LLAMA_BIN)/llama-server $(STAMP) ## served tokens/s, time to first token, errors at 1/8/32 clients vs the engine's own batched numbers (own server on port 8089); BENCH_ADAPTERS=1: the merged model vs its adapter served unmerged, alone and among the others
-	$(PY) scripts/bench/serve.py --llama-bin $(LLAMA_BIN) --serve-args "$(ENGINE_ARGS)" \
+bench-serve: $(GGUF) $(if $(BENCH_ADAPTERS),adapters) | $(LLAMA_BIN)/llama-server $(STAMP) ## served tokens/s, time to first token, errors at 1/8/32 clients vs the engine's own batched numbers (own server on port 8089); REPLICAS=N: the engine alone vs HAProxy with 1 and N replicas at 8/32/128 clients; BENCH_ADAPTERS=1: the merged model vs its adapter served unmerged, alone and among the others
+	$(PY) scripts/bench/serve.py --llama-bin $(LLAMA_BIN) --serve-args "$(ENGINE_ARGS)" --replicas $(REPLICAS) \
 	  $(if $(BENCH_ADAPTERS),--model $(BASE_GGUF) --adapters $(ADAPTERS_DIR) --merged $(GGUF) \
 	    $(if $(CHECKPOINT),--first $(notdir $(CHECKPOINT))),--model $(GGUF))
+
+bench-affinity: $(GGUF) | $(LLAMA_BIN)/llama-server $(STAMP) ## time to first token of 10-turn conversations through HAProxy, with and without prompt-cache affinity (own replicas on port 8089; REPLICAS, 2 if auto gives 1)
+	$(PY) scripts/bench/affinity.py --model $(GGUF) --replicas $(if $(filter auto 1,$(REPLICAS)),2,$(REPLICAS)) \
+	  --serve-args "$(ENGINE_ARGS)"
 
 bench-merge: $(BASE_DIR)/config.json $(CHECKPOINT_FILES) | $(LLAMA_SRC) $(STAMP) ## time + peak RSS: the seed's PEFT merge + convert vs ours; BENCH_MODEL=8b-random for a random 8B
 	$(PY) scripts/bench/merge.py $(MERGE_ARGS) --model $(BENCH_MODEL) --quant $(QUANT) --workdir $(OUT)/bench-merge
