@@ -148,7 +148,8 @@ class Load:
 def plan_args(tmp_path, **overrides):
     import argparse
     gguf = tmp_path / "m.gguf"
-    gguf.write_bytes(b"GGUF")
+    if not gguf.exists():
+        gguf.write_bytes(b"GGUF")
     args = argparse.Namespace(
         model=gguf, host="127.0.0.1", port=8080, alias="lora-ship", gpu_layers="auto", ctx_size=0, parallel="auto",
         backend_sampling="auto", cache_ram="auto", api_key="k", extra_args="", adapters=None, engine="llama-server",
@@ -190,6 +191,18 @@ def test_plan_one_gpu_each_or_a_share_of_the_cores(monkeypatch, tmp_path):
     assert all(r["env"] == {} and r["cmd"][r["cmd"].index("-t") + 1] == "8" for r in spec["replicas"])
     with pytest.raises(UserError, match="BALANCER=none serves one process"):
         replicas.wanted(plan_args(tmp_path, replicas="2", balancer="none"))
+    # what rolls the replicas over (same layout, other engines): a new adapter for make serve-adapters
+    adapters = tmp_path / "adapters"
+    adapters.mkdir()
+    (adapters / "a.gguf").write_bytes(b"GGUF")
+    before = replicas.plan(plan_args(tmp_path, replicas="2", adapters=adapters), serve)
+    ports = [r["port"] for r in before["replicas"]]
+    assert replicas.engines(replicas.plan(plan_args(tmp_path, replicas="2", adapters=adapters), serve, ports)) == \
+        replicas.engines(before)
+    (adapters / "b.gguf").write_bytes(b"GGUF")
+    after = replicas.plan(plan_args(tmp_path, replicas="2", adapters=adapters), serve, ports)
+    assert replicas.layout(after) == replicas.layout(before) and replicas.engines(after) != replicas.engines(before)
+    assert replicas.layout(replicas.plan(plan_args(tmp_path, replicas="3"), serve)) != replicas.layout(before)
 
 
 def test_balancer_config(tmp_path):

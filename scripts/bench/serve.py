@@ -203,7 +203,10 @@ def start_server(args, work: Path, model: Path | None = None, adapters: Path | N
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise UserError(f"the server did not start: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
-    return f"http://127.0.0.1:{args.port}", server_flags(work / "server.log")
+    engine_log = work / "server.log"
+    if not engine_log.exists():  # replicas: each engine has its own log, server-r0.log, ...
+        engine_log = work / "server-r0.log"
+    return f"http://127.0.0.1:{args.port}", server_flags(engine_log)
 
 
 def main() -> None:
@@ -224,6 +227,8 @@ def main() -> None:
     p.add_argument("--merged", type=Path, default=None, help="with --adapters: the merged GGUF of the first adapter")
     p.add_argument("--replicas", default="1", help="N > 1 (or auto on a multi-GPU machine): the scaling through "
                    "the balancer (see above)")
+    p.add_argument("--rounds", type=int, default=1, help="with --replicas: the three set-ups this many times in "
+                   "turn; each cell the median round")
     p.add_argument("--first", default=None, help="with --adapters: the adapter --merged holds (default: the first by name)")
     args = p.parse_args()
     args.api_key = os.environ.get("API_KEY") or None  # serve.py gives the server the same key
@@ -293,16 +298,21 @@ def bench_replicas(args, clients: list[int], work: Path, n: int) -> None:
     """The engine alone, HAProxy with one replica, HAProxy with n replicas (see the docstring)."""
     setups = {"alone": "--replicas 1 --balancer none", "haproxy-1": "--replicas 1 --balancer haproxy",
               f"haproxy-{n}": f"--replicas {n} --balancer haproxy"}
-    served, base_args = {}, args.serve_args
+    rounds, base_args = {}, args.serve_args
     modes = {"one-shot": (None, False), "streaming": (None, True)}
-    for name, extra in setups.items():
-        args.serve_args = f"{base_args} {extra}"
-        log(f"set-up {name}: serve.py {args.serve_args.strip()}")
-        levels, _ = served_levels(args, clients, work, args.model, None, modes)
-        served.update({(name, *key): r for key, r in levels.items()})
+    for k in range(args.rounds):  # the set-ups in turn, each round: a busy machine's noise falls on all three
+        for name, extra in setups.items():
+            args.serve_args = f"{base_args} {extra}"
+            log(f"round {k + 1}/{args.rounds}, set-up {name}: serve.py {args.serve_args.strip()}")
+            levels, _ = served_levels(args, clients, work, args.model, None, modes)
+            for key, r in levels.items():
+                rounds.setdefault((name, *key), []).append(r)
     args.serve_args = base_args
+    # each cell: the round with the median rate
+    served = {key: sorted(rs, key=lambda r: r["aggregate"])[len(rs) // 2] for key, rs in rounds.items()}
     print(f"\n{args.model.name}: {args.prompt_tokens}-token prompts, {args.max_tokens} generated tokens each, "
-          f"{args.requests} request(s) per client; serve.py flags: {base_args.strip() or '(defaults)'}\n")
+          f"{args.requests} request(s) per client, median of {args.rounds} round(s); serve.py flags: "
+          f"{base_args.strip() or '(defaults)'}\n")
     print(f"| clients | mode | engine alone tok/s | HAProxy + 1 replica tok/s (share of alone) | HAProxy + {n} "
           f"replicas tok/s (x alone) | TTFT p50 alone / 1 / {n} s | failed |")
     print("|---|---|---|---|---|---|---|")
@@ -315,9 +325,10 @@ def bench_replicas(args, clients: list[int], work: Path, n: int) -> None:
                   f"({many['aggregate'] / alone['aggregate']:.2f}x) | {ttft} | "
                   f"{alone['failed'] + one['failed'] + many['failed']} |")
     (work / "results-replicas.json").write_text(json.dumps(
-        {"replicas": n, "served": {f"{s}@{m}@{c}": r for (s, m, c), r in served.items()}}, indent=2) + "\n")
-    if any(r["failed"] for r in served.values()):
-        raise UserError(f"{sum(r['failed'] for r in served.values())} request(s) failed")
+        {"replicas": n, "rounds": {f"{s}@{m}@{c}": rs for (s, m, c), rs in rounds.items()}}, indent=2) + "\n")
+    failed = sum(r["failed"] for rs in rounds.values() for r in rs)
+    if failed:
+        raise UserError(f"{failed} request(s) failed")
 
 
 def bench_adapters(args, clients: list[int], work: Path) -> None:

@@ -121,7 +121,7 @@ def plan(args, serve, ports: list[int] | None = None) -> dict:
         env = {"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} if on_gpu else {}
         replicas.append({"name": f"r{i}", "port": ports[i], "cmd": cmd, "env": env,
                          "cpus": [] if on_gpu else mine, "model": str(Path(args.model).resolve()),
-                         "model_mtime": Path(args.model).stat().st_mtime,
+                         "model_mtime": Path(args.model).stat().st_mtime, "adapters": adapter_stamps(args),
                          "log": str(log_base.with_name(f"{log_base.stem}-r{i}{log_base.suffix}").resolve())})
     remote = [{"name": f"remote{i}", "addr": addr} for i, addr in enumerate(remote_list(args.remote_replicas))]
     folder = state_dir(args.pid_file).resolve()
@@ -132,6 +132,13 @@ def plan(args, serve, ports: list[int] | None = None) -> dict:
             "supervisor_log": str(log_base.with_name(f"{log_base.stem}-supervisor{log_base.suffix}").resolve())}
 
 
+def adapter_stamps(args) -> list:
+    """Each adapter file served and its mtime: one exported again in place also rolls the replicas over."""
+    if not args.adapters:
+        return []
+    return [[str(f), f.stat().st_mtime] for f in sorted(Path(args.adapters).glob("*.gguf"))]
+
+
 def layout(spec: dict) -> list:
     """What a rolling update cannot change: the address, the replicas and their ports, the remote ones."""
     return [spec["bind"], [r["port"] for r in spec["replicas"]], spec["remote"], spec["affinity"]]
@@ -139,7 +146,7 @@ def layout(spec: dict) -> list:
 
 def engines(spec: dict) -> list:
     """What a rolling update changes: each replica's command, environment and model file."""
-    return [[r["cmd"], r["env"], r["model"], r["model_mtime"]] for r in spec["replicas"]]
+    return [[r["cmd"], r["env"], r["model"], r["model_mtime"], r.get("adapters")] for r in spec["replicas"]]
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -205,6 +212,7 @@ def start(args, serve) -> None:
               "replicas": str(folder)}
     host = f"[{args.host}]" if ":" in args.host else args.host
     url = f"http://{host}:{args.port}"
+    check_front(url, proc)
     if args.pid_file:
         write_json(args.pid_file, record)
     serve.print_usage(url, args.api_key)
@@ -232,6 +240,20 @@ def engine_and_gpus(args, serve) -> tuple[str, Path, list[str]]:
     gpus = gpu_ids()
     on_gpu = bool(gpus) and args.gpu_layers != "0" and (engine == "llamafile" or has_cuda_backend(binary.parent))
     return engine, binary, gpus if on_gpu else []
+
+
+def check_front(url: str, proc: subprocess.Popen) -> None:
+    """The balancer answers /health on HOST:PORT (it needs a replica UP behind it)."""
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=10) as r:
+            if r.status == 200:
+                return
+    except (urllib.error.URLError, OSError) as e:
+        proc.terminate()
+        proc.wait(timeout=20)
+        raise UserError(f"the balancer on {url} does not answer /health ({getattr(e, 'reason', e)})") from None
 
 
 def wait_phase(proc: subprocess.Popen | None, folder: Path, generation: int, timeout: float, sup_log: Path,
