@@ -207,13 +207,14 @@ def test_plan_one_gpu_each_or_a_share_of_the_cores(monkeypatch, tmp_path):
 
 def test_balancer_config(tmp_path):
     from lib import balancer
-    cfg = balancer.render("0.0.0.0", 8080, [("r0", "127.0.0.1:9001"), ("remote0", "10.0.0.2:8080")],
+    cfg = balancer.render("0.0.0.0", 8080, [("r0", "127.0.0.1:9001", 4), ("remote0", "10.0.0.2:8080", 32)],
                           tmp_path / "s.sock", affinity=False)
     assert "bind 0.0.0.0:8080" in cfg and "balance leastconn" in cfg and "option httpchk GET /health" in cfg
     assert "retry-on conn-failure empty-response response-timeout" in cfg and "option redispatch 1" in cfg
-    assert "server remote0 10.0.0.2:8080" in cfg
+    # no more requests at once than the engine has slots (the rest wait in HAProxy): its /health stays answered
+    assert "server r0 127.0.0.1:9001 maxconn 4" in cfg and "server remote0 10.0.0.2:8080 maxconn 32" in cfg
     assert "http-buffer-request" not in cfg and "be_affinity" not in cfg  # nothing buffered without affinity
-    with_affinity = balancer.render("127.0.0.1", 8080, [("r0", "127.0.0.1:9001")], tmp_path / "s.sock")
+    with_affinity = balancer.render("127.0.0.1", 8080, [("r0", "127.0.0.1:9001", 4)], tmp_path / "s.sock")
     assert "balance hash var(txn.session)" in with_affinity and "hash-type consistent" in with_affinity
     if HAPROXY:  # haproxy itself accepts both
         for text in (cfg, with_affinity):

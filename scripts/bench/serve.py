@@ -17,9 +17,10 @@ The benchmark starts its own server with serve.py's defaults (plus --serve-args)
 stops it before the engine runs (the server sizes its KV cache to the free GPU memory).
 
 replicas (--replicas N, N > 1; `auto`: one per GPU): one-shot and streaming levels (default 8, 32, 128 clients)
-        on three set-ups in turn: the engine alone (one server, no balancer), HAProxy in front of one replica
-        (its own cost: a share of the engine alone), HAProxy in front of N replicas (the scaling: a multiple
-        of the engine alone). No llama-batched-bench there.
+        on three set-ups, all running at once on ports --port, +1, +2 and measured in turn at each level
+        (--rounds times; the median round): the engine alone (one server, no balancer), HAProxy in front of one
+        replica (its own cost: a share of the engine alone), HAProxy in front of N replicas (the scaling: a
+        multiple of the engine alone). No llama-batched-bench there.
 
 adapters (--adapters DIR --merged GGUF, --model being the base): one-shot levels on three servers in turn: the
         merged model of the first adapter; the base with every adapter in DIR, all clients asking the first
@@ -227,8 +228,8 @@ def main() -> None:
     p.add_argument("--merged", type=Path, default=None, help="with --adapters: the merged GGUF of the first adapter")
     p.add_argument("--replicas", default="1", help="N > 1 (or auto on a multi-GPU machine): the scaling through "
                    "the balancer (see above)")
-    p.add_argument("--rounds", type=int, default=1, help="with --replicas: the three set-ups this many times in "
-                   "turn; each cell the median round")
+    p.add_argument("--rounds", type=int, default=1, help="with --replicas: each level this many times on each "
+                   "set-up in turn; each cell the median round")
     p.add_argument("--first", default=None, help="with --adapters: the adapter --merged holds (default: the first by name)")
     args = p.parse_args()
     args.api_key = os.environ.get("API_KEY") or None  # serve.py gives the server the same key
@@ -295,24 +296,38 @@ def served_levels(args, clients: list[int], work: Path, model: Path, adapters: P
 
 
 def bench_replicas(args, clients: list[int], work: Path, n: int) -> None:
-    """The engine alone, HAProxy with one replica, HAProxy with n replicas (see the docstring)."""
+    """The engine alone, HAProxy with one replica, HAProxy with n replicas (see the docstring). The three run at
+    once (idle engines cost nothing) on ports --port, +1, +2, and each level is measured on the three in turn,
+    --rounds times, so that the noise of a busy machine falls on all three alike; each cell is the median round."""
     setups = {"alone": "--replicas 1 --balancer none", "haproxy-1": "--replicas 1 --balancer haproxy",
               f"haproxy-{n}": f"--replicas {n} --balancer haproxy"}
-    rounds, base_args = {}, args.serve_args
-    modes = {"one-shot": (None, False), "streaming": (None, True)}
-    for k in range(args.rounds):  # the set-ups in turn, each round: a busy machine's noise falls on all three
-        for name, extra in setups.items():
-            args.serve_args = f"{base_args} {extra}"
-            log(f"round {k + 1}/{args.rounds}, set-up {name}: serve.py {args.serve_args.strip()}")
-            levels, _ = served_levels(args, clients, work, args.model, None, modes)
-            for key, r in levels.items():
-                rounds.setdefault((name, *key), []).append(r)
-    args.serve_args = base_args
-    # each cell: the round with the median rate
+    modes = {"one-shot": False, "streaming": True}
+    urls, rounds = {}, {}
+    try:
+        for i, (name, extra) in enumerate(setups.items()):
+            (work / name).mkdir(parents=True, exist_ok=True)
+            one = argparse.Namespace(**{**vars(args), "port": args.port + i,
+                                        "serve_args": f"{args.serve_args} {extra}"})
+            urls[name], cmd = start_server(one, work / name)
+            log(f"{name} on {urls[name]}: serve.py {one.serve_args.strip()}; engine: {' '.join(cmd[1:])}")
+        for name, url in urls.items():  # not counted: a fresh server's first steps
+            drive(url, max(clients), args, stream=False, requests=1, first_id=500000)
+        for mode, stream in modes.items():
+            for c in clients:
+                for k in range(args.rounds):
+                    for name, url in urls.items():
+                        r = drive(url, c, args, stream=stream)
+                        rounds.setdefault((name, mode, c), []).append(r)
+                        log(f"{mode}, {c:>3} clients, round {k + 1}, {name}: {r['aggregate']:.1f} tokens/s, "
+                            f"{r['failed']} failed")
+    finally:
+        for name in setups:
+            subprocess.run([sys.executable, str(ROOT / "scripts" / "serve.py"), "stop", "--pid-file",
+                            str(work / name / "server.pid")], capture_output=True)
     served = {key: sorted(rs, key=lambda r: r["aggregate"])[len(rs) // 2] for key, rs in rounds.items()}
     print(f"\n{args.model.name}: {args.prompt_tokens}-token prompts, {args.max_tokens} generated tokens each, "
           f"{args.requests} request(s) per client, median of {args.rounds} round(s); serve.py flags: "
-          f"{base_args.strip() or '(defaults)'}\n")
+          f"{args.serve_args.strip() or '(defaults)'}\n")
     print(f"| clients | mode | engine alone tok/s | HAProxy + 1 replica tok/s (share of alone) | HAProxy + {n} "
           f"replicas tok/s (x alone) | TTFT p50 alone / 1 / {n} s | failed |")
     print("|---|---|---|---|---|---|---|")
@@ -323,7 +338,7 @@ def bench_replicas(args, clients: list[int], work: Path, n: int) -> None:
             print(f"| {c} | {mode} | {alone['aggregate']:.1f} | {one['aggregate']:.1f} "
                   f"({one['aggregate'] / alone['aggregate']:.0%}) | {many['aggregate']:.1f} "
                   f"({many['aggregate'] / alone['aggregate']:.2f}x) | {ttft} | "
-                  f"{alone['failed'] + one['failed'] + many['failed']} |")
+                  f"{sum(r['failed'] for name in setups for r in rounds[name, mode, c])} |")
     (work / "results-replicas.json").write_text(json.dumps(
         {"replicas": n, "rounds": {f"{s}@{m}@{c}": rs for (s, m, c), rs in rounds.items()}}, indent=2) + "\n")
     failed = sum(r["failed"] for rs in rounds.values() for r in rs)

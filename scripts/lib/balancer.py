@@ -44,11 +44,18 @@ defaults
     log global
     option httplog
     option dontlognull
+    # a new connection to the engine for each request, closed after its answer: no idle connection is kept
+    # that a restarted engine has since dropped (a rollout's 502), and none holds one of the engine's HTTP
+    # threads between requests (its /health answers); on loopback a connection costs tens of microseconds
+    option http-server-close
     timeout connect 2s
     timeout client 1h
     timeout server 1h
     timeout http-request 60s
-    timeout queue 60s
+    # requests beyond a replica's slots wait here (see maxconn), as long as they would in the engine
+    timeout queue 1h
+    # a busy engine on a loaded machine can take more than a second to answer /health
+    timeout check 5s
     # a request that had no byte of answer (refused connection, a replica killed before it answered) is sent
     # again, to another replica
     retries 3
@@ -103,11 +110,14 @@ def find_haproxy() -> str:
     return path
 
 
-def render(bind_host: str, bind_port: int, servers: list[tuple[str, str]], socket_path: Path,
+def render(bind_host: str, bind_port: int, servers: list[tuple[str, str, int]], socket_path: Path,
            affinity: bool = True, check_interval_ms: int = 1000, log_level: str = "info") -> str:
-    """The configuration: servers is [(name, "host:port")]."""
+    """The configuration: servers is [(name, "host:port", slots)]. Each server takes at most its slots' worth of
+    requests at once (maxconn); the rest wait in HAProxy's queue and go to the first replica with a free slot.
+    So the engine's own HTTP threads (slots + 2) always have one free for /health, which would otherwise wait
+    behind queued requests and fail the check of a merely busy replica."""
     host = f"[{bind_host}]" if ":" in bind_host else bind_host
-    lines = "\n".join(f"    server {name} {addr}" for name, addr in servers)
+    lines = "\n".join(f"    server {name} {addr} maxconn {slots}" for name, addr, slots in servers)
     common = BACKEND_COMMON.format(inter=f"{check_interval_ms}ms")
     return TEMPLATE.format(
         socket=socket_path, log_level=log_level, bind=f"{host}:{bind_port}", servers=lines, backend_common=common,

@@ -257,10 +257,10 @@ def check_front(url: str, proc: subprocess.Popen) -> None:
 
 
 def wait_phase(proc: subprocess.Popen | None, folder: Path, generation: int, timeout: float, sup_log: Path,
-               pid: int | None = None) -> dict:
-    """Wait until the supervisor reports `generation` ready; print each of its new events once."""
+               pid: int | None = None, seen: set | None = None) -> dict:
+    """Wait until the supervisor reports `generation` ready; print each of its events once (not those in seen)."""
     deadline = time.monotonic() + timeout
-    seen = set((read_json(folder / "state.json") or {}).get("events", [])) if proc is None else set()
+    seen = set(seen or ())
     while time.monotonic() < deadline:
         state = read_json(folder / "state.json") or {}
         for note in state.get("events", []):
@@ -304,10 +304,11 @@ def rollout(args, spec: dict, old: dict, running: dict, serve) -> None:
     write_json(folder / "spec.json", spec)
     log(f"rolling update to {args.model}: {len(spec['replicas'])} replica(s), one at a time (drain, restart, "
         f"health, rejoin)")
+    before = set((read_json(folder / "state.json") or {}).get("events", []))
     os.kill(int(running["pid"]), signal.SIGHUP)
     start = time.monotonic()
     state = wait_phase(None, folder, spec["generation"], (args.timeout + 600) * len(spec["replicas"]),
-                       Path(spec["supervisor_log"]), pid=running["pid"])
+                       Path(spec["supervisor_log"]), pid=running["pid"], seen=before)
     write_json(args.pid_file, {**running, "model": str(Path(args.model).resolve()),
                                "model_mtime": Path(args.model).stat().st_mtime, "adapters": serve.adapters_key(args)})
     log(f"rolling update done in {time.monotonic() - start:.1f} s")

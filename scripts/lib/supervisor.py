@@ -43,6 +43,16 @@ def die_with_parent() -> None:
         pass
 
 
+def slots(cmd: list[str]) -> int:
+    """The engine's parallel slots (-np; llama-server's default is 4)."""
+    for flag in ("-np", "--parallel"):
+        if flag in cmd[:-1]:
+            value = cmd[cmd.index(flag) + 1]
+            if value.isdigit() and int(value) > 0:
+                return int(value)
+    return 4
+
+
 def say(msg: str) -> None:
     print(f"[supervisor {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -138,8 +148,9 @@ class Supervisor:
     # ---- the balancer ----
     def start_haproxy(self) -> None:
         config = self.dir / "haproxy.cfg"
-        servers = [(e.name, f"127.0.0.1:{e.port}") for e in self.engines]
-        servers += [(r["name"], r["addr"]) for r in self.spec["remote"]]
+        servers = [(e.name, f"127.0.0.1:{e.port}", slots(e.cmd)) for e in self.engines]
+        # a remote engine's slots are not known here: the local ones' (serve.py's defaults for this machine)
+        servers += [(r["name"], r["addr"], r.get("slots") or slots(self.engines[0].cmd)) for r in self.spec["remote"]]
         host, port = self.spec["bind"]
         config.write_text(balancer.render(host, port, servers, Path(self.spec["socket"]), self.spec["affinity"],
                                           self.spec.get("check_interval_ms", 1000)))
