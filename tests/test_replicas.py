@@ -155,13 +155,15 @@ def plan_args(tmp_path, **overrides):
         backend_sampling="auto", cache_ram="auto", api_key="k", extra_args="", adapters=None, engine="llama-server",
         llamafile=tmp_path / "none", llama_server=LLAMA_SERVER, replicas="auto", remote_replicas="", balancer="auto",
         affinity="on", check_interval_ms=1000, pid_file=tmp_path / "server.pid", log=tmp_path / "server.log",
-        timeout=60)
+        timeout=60, max_tokens=1024, make_vars="")
     vars(args).update(overrides)
     return args
 
 
-def test_plan_one_gpu_each_or_a_share_of_the_cores(monkeypatch, tmp_path):
+def test_plan_one_gpu_each_or_a_share_of_the_cores(monkeypatch, tmp_path, tiny_gguf):
     import serve
+    shutil.copy(tiny_gguf, tmp_path / "m.gguf")
+    from lib.slots import available_memory, cpu_slots
     from lib import balancer, replicas
     monkeypatch.setattr(balancer, "find_haproxy", lambda: "/usr/sbin/haproxy")
     monkeypatch.setattr(replicas, "cpu_ids", lambda: list(range(16)))
@@ -189,6 +191,11 @@ def test_plan_one_gpu_each_or_a_share_of_the_cores(monkeypatch, tmp_path):
     spec = replicas.plan(plan_args(tmp_path, replicas="2"), serve)
     assert [r["cpus"] for r in spec["replicas"]] == [list(range(8)), list(range(8, 16))]
     assert all(r["env"] == {} and r["cmd"][r["cmd"].index("-t") + 1] == "8" for r in spec["replicas"])
+    # serve.py's CPU slots for each replica's share: its 8 cores and half the memory
+    slots, per_slot = cpu_slots(tmp_path / "m.gguf", cores=8, memory=available_memory() // 2)
+    for r in spec["replicas"]:
+        assert r["cmd"][r["cmd"].index("-np") + 1] == str(slots)
+        assert r["cmd"][r["cmd"].index("-c") + 1] == str(slots * per_slot)
     with pytest.raises(UserError, match="BALANCER=none serves one process"):
         replicas.wanted(plan_args(tmp_path, replicas="2", balancer="none"))
     # what rolls the replicas over (same layout, other engines): a new adapter for make serve-adapters

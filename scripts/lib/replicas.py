@@ -110,9 +110,17 @@ def plan(args, serve, ports: list[int] | None = None) -> dict:
     share = max(1, len(cpus) // n)
     ports = ports or [free_port() for _ in range(n)]
     log_base = Path(args.log)
+    mine_only = {}
+    if not on_gpu and args.parallel == "auto" and engine == "llama-server":
+        # serve.py's CPU slots (lib/slots.py) for this replica's share of the cores and of the memory
+        from .slots import available_memory, cpu_slots
+        memory = available_memory()
+        slots, per_slot = cpu_slots(Path(args.model), cores=share, memory=memory // n if memory else None)
+        ctx = "" if str(args.ctx_size) in ("auto", "0", "") else str(args.ctx_size)
+        mine_only = {"parallel": str(slots), "ctx_size": ctx or str(slots * per_slot)}
     replicas = []
     for i in range(n):
-        engine_args = type(args)(**{**vars(args), "host": "127.0.0.1", "port": ports[i]})
+        engine_args = type(args)(**{**vars(args), "host": "127.0.0.1", "port": ports[i], **mine_only})
         cmd = serve.server_command(engine_args, engine, binary)
         mine = [cpus[(i * share + k) % len(cpus)] for k in range(share)]
         extra = shlex.split(args.extra_args)
@@ -122,6 +130,7 @@ def plan(args, serve, ports: list[int] | None = None) -> dict:
         replicas.append({"name": f"r{i}", "port": ports[i], "cmd": cmd, "env": env,
                          "cpus": [] if on_gpu else mine, "model": str(Path(args.model).resolve()),
                          "model_mtime": Path(args.model).stat().st_mtime, "adapters": adapter_stamps(args),
+                         "settings": serve.settings_key(args),
                          "log": str(log_base.with_name(f"{log_base.stem}-r{i}{log_base.suffix}").resolve())})
     remote = [{"name": f"remote{i}", "addr": addr} for i, addr in enumerate(remote_list(args.remote_replicas))]
     folder = state_dir(args.pid_file).resolve()
@@ -145,8 +154,9 @@ def layout(spec: dict) -> list:
 
 
 def engines(spec: dict) -> list:
-    """What a rolling update changes: each replica's command, environment and model file."""
-    return [[r["cmd"], r["env"], r["model"], r["model_mtime"], r.get("adapters")] for r in spec["replicas"]]
+    """What a rolling update changes: each replica's settings as asked for (serve.py's settings_key: not what
+    auto made of them, which follows the free memory), environment, model file and adapter files."""
+    return [[r.get("settings"), r["env"], r["model"], r["model_mtime"], r.get("adapters")] for r in spec["replicas"]]
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -212,14 +222,14 @@ def start(args, serve) -> None:
               "replicas": str(folder)}
     host = f"[{args.host}]" if ":" in args.host else args.host
     url = f"http://{host}:{args.port}"
-    check_front(url, proc)
+    check_front(url, proc, serve, args.api_key)
     if args.pid_file:
         write_json(args.pid_file, record)
     serve.print_usage(url, args.api_key)
     print_table(state, None)
     if args.background:
-        log(f"running in the background (supervisor pid {proc.pid}); 'make status' shows the replicas, "
-            f"'make stop' ends them")
+        log(f"running in the background (supervisor pid {proc.pid}); '{serve.make_hint('status', args)}' shows "
+            f"the replicas, '{serve.make_hint('stop', args)}' ends them")
         return
     log("serving in the foreground; press Ctrl-C to stop")
     signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
@@ -242,18 +252,14 @@ def engine_and_gpus(args, serve) -> tuple[str, Path, list[str]]:
     return engine, binary, gpus if on_gpu else []
 
 
-def check_front(url: str, proc: subprocess.Popen) -> None:
-    """The balancer answers /health on HOST:PORT (it needs a replica UP behind it)."""
-    import urllib.error
-    import urllib.request
+def check_front(url: str, proc: subprocess.Popen, serve, api_key: str | None) -> None:
+    """One real request through the balancer (serve.py's ready check: the tokenizer and a one-token chat)."""
     try:
-        with urllib.request.urlopen(url + "/health", timeout=10) as r:
-            if r.status == 200:
-                return
-    except (urllib.error.URLError, OSError) as e:
+        serve.check_answers(url, api_key)
+    except UserError:
         proc.terminate()
         proc.wait(timeout=20)
-        raise UserError(f"the balancer on {url} does not answer /health ({getattr(e, 'reason', e)})") from None
+        raise
 
 
 def wait_phase(proc: subprocess.Popen | None, folder: Path, generation: int, timeout: float, sup_log: Path,
