@@ -155,7 +155,7 @@ def plan_args(tmp_path, **overrides):
         backend_sampling="auto", cache_ram="auto", api_key="k", extra_args="", adapters=None, engine="llama-server",
         llamafile=tmp_path / "none", llama_server=LLAMA_SERVER, replicas="auto", remote_replicas="", balancer="auto",
         affinity="on", check_interval_ms=1000, pid_file=tmp_path / "server.pid", log=tmp_path / "server.log",
-        timeout=60, max_tokens=1024, make_vars="")
+        timeout=60, max_tokens=1024, make_vars="", web="", open=False)
     vars(args).update(overrides)
     return args
 

@@ -225,7 +225,12 @@ def start(args, serve) -> None:
     check_front(url, proc, serve, args.api_key)
     if args.pid_file:
         write_json(args.pid_file, record)
-    serve.print_usage(url, args.api_key)
+    # each engine serves the chat page at / (serve.py's --web), so the balancer does too
+    page = spec["replicas"][0]["cmd"][0].endswith("llamafile") or serve.web_folder(args) is not None
+    if getattr(args, "open", False) and page:
+        import webbrowser
+        webbrowser.open(url + "/")
+    serve.print_usage(url, args.api_key, page)
     print_table(state, None)
     if args.background:
         log(f"running in the background (supervisor pid {proc.pid}); '{serve.make_hint('status', args)}' shows "
