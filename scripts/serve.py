@@ -264,7 +264,7 @@ def start(args) -> None:
                         f"(or ALLOW_NO_KEY=1 to serve without one)")
     if args.adapters and args.engine == "llamafile":
         raise UserError("serving adapters by name needs llama-server (ENGINE=llama-server or auto)")
-    if replicas.wanted(args):  # several engines behind the balancer (lib/replicas.py)
+    if replicas.wanted(args, sys.modules[__name__]):  # several engines behind the balancer (lib/replicas.py)
         return replicas.start(args, sys.modules[__name__])
     if args.pid_file and (running := read_pid(args.pid_file)):
         same = ("replicas" not in running

@@ -172,7 +172,7 @@ def test_plan_one_gpu_each_or_a_share_of_the_cores(monkeypatch, tmp_path, tiny_g
     monkeypatch.setattr(serve, "has_nvidia_gpu", lambda: True)
     monkeypatch.setattr(replicas, "gpu_ids", lambda: ["0", "1", "2", "3"])
     args = plan_args(tmp_path, remote_replicas="10.0.0.2:8080, [fd00::2]:9000")
-    assert replicas.wanted(args)
+    assert replicas.wanted(args, serve)
     spec = replicas.plan(args, serve)
     assert [r["env"] for r in spec["replicas"]] == [{"CUDA_VISIBLE_DEVICES": g} for g in "0123"]
     for r in spec["replicas"]:
@@ -183,11 +183,16 @@ def test_plan_one_gpu_each_or_a_share_of_the_cores(monkeypatch, tmp_path, tiny_g
     assert len({r["port"] for r in spec["replicas"]}) == 4
     assert spec["remote"] == [{"name": "remote0", "addr": "10.0.0.2:8080"},
                               {"name": "remote1", "addr": "[fd00::2]:9000"}]
+    # GPUs but a CPU build of llama.cpp (or GPU_LAYERS=0): the model is on the CPU, auto is one process
+    monkeypatch.setattr(replicas, "has_cuda_backend", lambda _: False)
+    assert not replicas.wanted(plan_args(tmp_path), serve)
+    assert not replicas.wanted(plan_args(tmp_path, gpu_layers="0"), serve)
+    monkeypatch.setattr(replicas, "has_cuda_backend", lambda _: True)
     # a CPU machine: auto is one process, no balancer; N replicas share the cores
     monkeypatch.setattr(replicas, "gpu_ids", lambda: [])
     monkeypatch.setattr(serve, "has_nvidia_gpu", lambda: False)
-    assert not replicas.wanted(plan_args(tmp_path))
-    assert replicas.wanted(plan_args(tmp_path, balancer="haproxy"))  # one replica behind it: its cost measured
+    assert not replicas.wanted(plan_args(tmp_path), serve)
+    assert replicas.wanted(plan_args(tmp_path, balancer="haproxy"), serve)  # one replica behind it: its cost measured
     spec = replicas.plan(plan_args(tmp_path, replicas="2"), serve)
     assert [r["cpus"] for r in spec["replicas"]] == [list(range(8)), list(range(8, 16))]
     assert all(r["env"] == {} and r["cmd"][r["cmd"].index("-t") + 1] == "8" for r in spec["replicas"])
@@ -197,7 +202,7 @@ def test_plan_one_gpu_each_or_a_share_of_the_cores(monkeypatch, tmp_path, tiny_g
         assert r["cmd"][r["cmd"].index("-np") + 1] == str(slots)
         assert r["cmd"][r["cmd"].index("-c") + 1] == str(slots * per_slot)
     with pytest.raises(UserError, match="BALANCER=none serves one process"):
-        replicas.wanted(plan_args(tmp_path, replicas="2", balancer="none"))
+        replicas.wanted(plan_args(tmp_path, replicas="2", balancer="none"), serve)
     # what rolls the replicas over (same layout, other engines): a new adapter for make serve-adapters
     adapters = tmp_path / "adapters"
     adapters.mkdir()

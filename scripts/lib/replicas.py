@@ -67,11 +67,11 @@ def remote_list(spec: str) -> list[str]:
     return out
 
 
-def wanted(args) -> bool:
+def wanted(args, serve) -> bool:
     """Whether this start runs replicas behind the balancer (else today's one process)."""
     if args.balancer not in ("auto", "haproxy", "none"):
         raise UserError(f"BALANCER must be auto, haproxy or none, not {args.balancer!r}")
-    n = count(args.replicas, gpu_ids() if args.replicas == "auto" else [])
+    n = count(args.replicas, engine_and_gpus(args, serve)[2] if args.replicas == "auto" else [])
     remote = remote_list(args.remote_replicas)
     if args.balancer == "none":
         if n > 1 or remote:
