@@ -48,6 +48,9 @@ defaults
     # that a restarted engine has since dropped (a rollout's 502), and none holds one of the engine's HTTP
     # threads between requests (its /health answers); on loopback a connection costs tens of microseconds
     option http-server-close
+    # forward each streamed chunk at once (no MSG_MORE / Nagle merging of small writes): without it a stream of
+    # tokens through HAProxy arrived in bursts, 8 streaming clients at 74% of the engine alone
+    option http-no-delay
     timeout connect 2s
     timeout client 1h
     timeout server 1h
