@@ -30,6 +30,9 @@ MAX_TOKENS       ?= 1024
 BACKEND_SAMPLING ?= auto
 CACHE_RAM        ?= auto
 SERVER_ARGS      ?=
+REPLICAS         ?= auto
+REMOTE_REPLICAS  ?=
+BALANCER         ?= auto
 PROMPT           ?= Tell me a fairy tale
 OUT              ?= out
 VENV             ?= .venv
@@ -57,7 +60,8 @@ PYTEST_ARGS      ?=
 PIPELINE_JOBS    ?= 3
 
 HELP_VARS := BASE_MODEL BASE_NAME CHECKPOINTS_DIR CHECKPOINT DATASET GUTENBERG_TXT QUANT MERGE_METHOD HOST PORT API_KEY ADMIN_KEY KEYS_FILE TENANT \
-  ALLOW_NO_KEY OPEN ENGINE GPU_LAYERS CTX_SIZE PARALLEL MAX_TOKENS BACKEND_SAMPLING CACHE_RAM SERVER_ARGS PROMPT OUT VENV PYTHON TORCH_SPEC \
+  ALLOW_NO_KEY OPEN ENGINE GPU_LAYERS CTX_SIZE PARALLEL MAX_TOKENS BACKEND_SAMPLING CACHE_RAM SERVER_ARGS REPLICAS REMOTE_REPLICAS BALANCER \
+  PROMPT OUT VENV PYTHON TORCH_SPEC \
   LLAMA_CPP_COMMIT LLAMA_CPP_REPO LLAMA_CPP_PYTHON LLAMA_CPP_PYTHON_SHA256 LLAMA_BACKEND LLAMAFILE_VERSION LLAMAFILE_SHA256 \
   PIPELINE_JOBS TRAIN_STEPS RECIPE NPROC TRAIN_ARGS RUN_NAME EVAL_EVERY SAVE_EVERY LOAD MODEL GENERATE_ARGS EVAL_ARGS MODELS \
   COMPARE_ARGS KEEP_MERGED BENCH_MODEL BENCH_ADAPTERS PYTEST_ARGS
@@ -77,7 +81,7 @@ endif
 # and it runs before anything long for them too, so a busy port is found before the merge replaces a file.
 # (serve-adapters serves every checkpoint, so its quick check is the port alone: the checks of one checkpoint
 # do not apply.)
-SERVE_GOALS := all serve serve-bg serve-adapters
+SERVE_GOALS := all serve serve-bg serve-adapters serve-replica
 ifneq ($(if $(MAKECMDGOALS),$(filter $(SERVE_GOALS),$(MAKECMDGOALS)),all),)
   AFTER_QUICK_CHECK := quick-check
   PORT_CHECK_ARGS = --port-free $(HOST):$(PORT) --pid-file $(PID_FILE)
@@ -141,8 +145,8 @@ ifeq ($(strip $(USER_CHECKPOINTS)$(CHECKPOINT)),)
 endif
 MERGE_INPUTS := $(BASE_DIR) $(CHECKPOINT) $(MERGE_METHOD) $(sort $(USER_CHECKPOINTS)) $(FALLBACK_ARG)
 
-.PHONY: all help install check vendor llamafile base merge quantize serve serve-bg stop chat train test clean \
-        package generate compare key keys-reload usage bench-merge bench-train bench-serve test-serve eval data adapters serve-adapters \
+.PHONY: all help install check vendor llamafile base merge quantize serve serve-bg stop status serve-replica chat train test clean \
+        package generate compare key keys-reload usage bench-merge bench-train bench-serve bench-affinity test-serve eval data adapters serve-adapters \
         clean-vendor screenshot quick-check test-without-llama-cpp test-llama-cpp test-shared-reset FORCE run-install-python-dependencies run-download-llamafile run-clone-repositories \
         run-merge-models run-quantize-llama-model
 
@@ -282,8 +286,11 @@ ENGINE_ARGS = --engine $(ENGINE) --gpu-layers $(GPU_LAYERS) --ctx-size $(CTX_SIZ
   --backend-sampling $(BACKEND_SAMPLING) --cache-ram $(CACHE_RAM) --llamafile $(LLAMAFILE) --llama-server $(LLAMA_BIN)/llama-server $(if $(SERVER_ARGS),--extra-args='$(SERVER_ARGS)')
 # KEYS_FILE is used once it exists (`make key` makes the default one); one named on the command line must exist
 KEYS_ARG = $(if $(or $(wildcard $(KEYS_FILE)),$(filter-out $(OUT)/keys.txt,$(KEYS_FILE))),--keys-file $(KEYS_FILE))
+# REPLICAS engines behind HAProxy (BALANCER) where there is more than one, or REMOTE_REPLICAS
+REPLICA_ARGS = --replicas $(REPLICAS) --balancer $(BALANCER) $(if $(REMOTE_REPLICAS),--remote-replicas '$(REMOTE_REPLICAS)')
 LISTEN_ARGS = --host $(HOST) --port $(PORT) --pid-file $(PID_FILE) --log $(OUT)/logs/server.log --make-vars "$(HINT_VARS)" \
-  $(KEYS_ARG) --usage-log $(OUT)/logs/usage.jsonl $(if $(ALLOW_NO_KEY),--allow-no-key) $(if $(OPEN),--open) $(ENGINE_ARGS)
+  $(KEYS_ARG) --usage-log $(OUT)/logs/usage.jsonl $(if $(ALLOW_NO_KEY),--allow-no-key) $(if $(OPEN),--open) $(ENGINE_ARGS) \
+  $(REPLICA_ARGS)
 SERVE_ARGS = --model $(GGUF) $(LISTEN_ARGS)
 
 serve: $(GGUF) | $(LLAMA_BIN)/llama-server ## serve the GGUF on HOST:PORT in the foreground (Ctrl-C stops)
@@ -331,8 +338,16 @@ keys-reload: ## have the running server read KEYS_FILE now (it also does by itse
 usage: ## requests, tokens and times per tenant and model, from the server's usage log ($(OUT)/logs/usage.jsonl)
 	@$(PYTHON) scripts/usage.py --log $(OUT)/logs/usage.jsonl
 
-stop: ## stop the background server (the one of this OUT)
+stop: ## stop the background server of this OUT (or its replicas and their balancer)
 	@$(PYTHON) scripts/serve.py stop --pid-file $(PID_FILE) --make-vars "$(HINT_VARS)"
+
+status: ## what serves: each replica's state, model, uptime, requests served (HAProxy's counts), or the one server
+	@$(PYTHON) scripts/serve.py status --pid-file $(PID_FILE) --make-vars "$(HINT_VARS)"
+
+serve-replica: $(GGUF) | $(LLAMA_BIN)/llama-server ## one engine in the background for a balancer on another machine (REMOTE_REPLICAS there): HOST=its address PORT= API_KEY=
+	$(PYTHON) scripts/serve.py start --background --model $(GGUF) --host $(HOST) --port $(PORT) --pid-file $(PID_FILE) \
+	  --log $(OUT)/logs/server.log --make-vars "$(HINT_VARS)" $(if $(ALLOW_NO_KEY),--allow-no-key) $(ENGINE_ARGS) \
+	  --replicas 1 --balancer none
 
 chat: ## send PROMPT to the running server and stream the answer
 	@$(PYTHON) scripts/chat.py --url http://$(HOST):$(PORT)
@@ -348,10 +363,14 @@ COMPARE_ARGS ?= --greedy --max-new-tokens 64
 compare: | $(STAMP) ## the same PROMPT through each of MODELS (folders or .gguf, :nf4/:int8 for a load mode): load time, tokens/s, memory
 	$(PY) scripts/compare.py $(MODELS) --prompt "$$PROMPT" -- $(COMPARE_ARGS)
 
-bench-serve: $(GGUF) $(if $(BENCH_ADAPTERS),adapters) | $(LLAMA_BIN)/llama-server $(STAMP) ## served tokens/s, time to first token, errors at 1/8/32 clients vs the engine's own batched numbers (own server on port 8089); BENCH_ADAPTERS=1: the merged model vs its adapter served unmerged, alone and among the others
-	$(PY) scripts/bench/serve.py --llama-bin $(LLAMA_BIN) --serve-args "$(ENGINE_ARGS)" \
+bench-serve: $(GGUF) $(if $(BENCH_ADAPTERS),adapters) | $(LLAMA_BIN)/llama-server $(STAMP) ## served tokens/s, time to first token, errors at 1/8/32 clients vs the engine's own batched numbers (own server on port 8089); REPLICAS=N: the engine alone vs HAProxy with 1 and N replicas at 8/32/128 clients; BENCH_ADAPTERS=1: the merged model vs its adapter served unmerged, alone and among the others
+	$(PY) scripts/bench/serve.py --llama-bin $(LLAMA_BIN) --serve-args "$(ENGINE_ARGS)" --replicas $(REPLICAS) \
 	  $(if $(BENCH_ADAPTERS),--model $(BASE_GGUF) --adapters $(ADAPTERS_DIR) --merged $(GGUF) \
 	    $(if $(CHECKPOINT),--first $(notdir $(CHECKPOINT))),--model $(GGUF))
+
+bench-affinity: $(GGUF) | $(LLAMA_BIN)/llama-server $(STAMP) ## time to first token of 10-turn conversations through HAProxy, with and without prompt-cache affinity (own replicas on port 8089; REPLICAS, 2 if auto gives 1)
+	$(PY) scripts/bench/affinity.py --model $(GGUF) --replicas $(if $(filter auto 1,$(REPLICAS)),2,$(REPLICAS)) \
+	  --serve-args "$(ENGINE_ARGS)"
 
 bench-merge: $(BASE_DIR)/config.json $(CHECKPOINT_FILES) | $(LLAMA_SRC) $(STAMP) ## time + peak RSS: the seed's PEFT merge + convert vs ours; BENCH_MODEL=8b-random for a random 8B
 	$(PY) scripts/bench/merge.py $(MERGE_ARGS) --model $(BENCH_MODEL) --quant $(QUANT) --workdir $(OUT)/bench-merge

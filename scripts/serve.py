@@ -5,6 +5,9 @@ Both speak the same API: OpenAI-style /v1/chat/completions, llama.cpp's /complet
   serve.py start --model m.gguf            foreground; Ctrl-C stops it
   serve.py start --model m.gguf --background --pid-file out/server.pid
   serve.py stop --pid-file out/server.pid
+  serve.py start --model m.gguf --replicas 2 --background --pid-file out/server.pid
+      N engines behind HAProxy on HOST:PORT, supervised, rolled over one at a time when started again with
+      another model (lib/replicas.py, lib/supervisor.py, lib/balancer.py); `serve.py status` shows them
   serve.py start --model base.gguf --adapters out/adapters --background --pid-file out/server.pid
       the base once with every out/adapters/NAME.gguf (llama-server only); a request chooses one by its
       "model" (NAME; the base by --alias), GET /v1/models lists them. Run again after adding adapter files:
@@ -35,6 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lib.common import ROOT, UserError, has_cuda_backend, has_nvidia_gpu, log, run_main  # noqa: E402
 from lib.keys import admin_key, read_admin_key, read_keys_file  # noqa: E402
+from lib import replicas  # noqa: E402
 from lib.ports import port_in_use, read_pid, require_port_free  # noqa: E402,F401
 from lib.slots import GPU_SLOTS, cpu_slots  # noqa: E402
 
@@ -285,8 +289,15 @@ def start(args) -> None:
         log(f"keys file {args.keys_file}: {len(keys)} key(s) for {len({k['tenant'] for k in keys})} tenant(s)")
     if args.adapters and args.engine == "llamafile":
         raise UserError("serving adapters by name needs llama-server (ENGINE=llama-server or auto)")
+    if replicas.wanted(args, sys.modules[__name__]):  # several engines behind the balancer (lib/replicas.py)
+        # the engines read the admin key file when they start: one that a rollout restarts must find the key
+        # the others have, so an existing file is kept unless ADMIN_KEY names another
+        if args.admin_key_file and (args.admin_key or not Path(args.admin_key_file).exists()):
+            admin_key(args.admin_key_file, args.admin_key)
+        return replicas.start(args, sys.modules[__name__])
     if args.pid_file and (running := read_pid(args.pid_file)):
-        same = (running["model"] == str(Path(args.model).resolve()) and running["port"] == args.port
+        same = ("replicas" not in running
+                and running["model"] == str(Path(args.model).resolve()) and running["port"] == args.port
                 and running["host"] == args.host and running["model_mtime"] == Path(args.model).stat().st_mtime
                 and running.get("adapters") == adapters_key(args) and running.get("settings") == settings_key(args))
         if same and args.adapters:
@@ -382,9 +393,20 @@ def stop(args) -> None:
     log(f"stopped the server (pid {pid})")
 
 
+def status(args) -> None:
+    running = read_pid(args.pid_file) if args.pid_file else None
+    if running is None:
+        log("no server running")
+    elif running.get("replicas"):
+        replicas.status(running)
+    else:
+        log(f"one server on {running['host']}:{running['port']} (pid {running['pid']}), "
+            f"{Path(running['model']).name}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=["start", "stop"])
+    p.add_argument("action", choices=["start", "stop", "status"])
     p.add_argument("--model", type=Path, help="GGUF file to serve")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
@@ -426,6 +448,13 @@ def main() -> None:
                    help="folder of the chat page llama-server serves at / (default: %(default)s; '' for none)")
     p.add_argument("--open", action="store_true", help="open the chat page in a browser once the server is ready")
     p.add_argument("--extra-args", default="", help="more flags for the server, as one string")
+    p.add_argument("--replicas", default="1", help="engine processes behind the balancer (auto: one per GPU)")
+    p.add_argument("--remote-replicas", default="", help="host:port,... of replicas on other machines")
+    p.add_argument("--balancer", default="auto", help="auto (haproxy when there is more than one replica), "
+                   "haproxy (also for one), none")
+    p.add_argument("--affinity", choices=["on", "off"], default="on",
+                   help="one conversation (X-Session-Id or the JSON user field) to one replica")
+    p.add_argument("--check-interval-ms", type=int, default=1000, help="the balancer's health check interval")
     args = p.parse_args()
     if args.admin_key_file is None and args.pid_file:  # beside the pid file: out/server.pid -> out/server.admin.key
         args.admin_key_file = args.pid_file.with_name(args.pid_file.stem + ".admin.key")
@@ -433,6 +462,8 @@ def main() -> None:
         if not args.model:
             raise UserError("start needs --model")
         start(args)
+    elif args.action == "status":
+        status(args)
     else:
         stop(args)
 

@@ -16,6 +16,12 @@ engine: llama.cpp's llama-batched-bench on the same GGUF with the server's GPU l
 The benchmark starts its own server with serve.py's defaults (plus --serve-args) on a loopback port, and
 stops it before the engine runs (the server sizes its KV cache to the free GPU memory).
 
+replicas (--replicas N, N > 1; `auto`: one per GPU): one-shot and streaming levels (default 8, 32, 128 clients)
+        on three set-ups, all running at once on ports --port, +1, +2 and measured in turn at each level
+        (--rounds times; the median round): the engine alone (one server, no balancer), HAProxy in front of one
+        replica (its own cost: a share of the engine alone), HAProxy in front of N replicas (the scaling: a
+        multiple of the engine alone). No llama-batched-bench there.
+
 adapters (--adapters DIR --merged GGUF, --model being the base): one-shot levels on three servers in turn: the
         merged model of the first adapter; the base with every adapter in DIR, all clients asking the first
         one; the same server with client c asking adapter c mod N (N adapters in each batch). Each is printed
@@ -40,7 +46,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # scripts/, for lib
 from lib.common import ROOT, UserError, log, run_main  # noqa: E402
+from lib import replicas as lib_replicas  # noqa: E402
 
+DEFAULT_CLIENTS = "1,8,32"
 WORDS = ("once upon a time there lived a king who had three daughters and the youngest was so beautiful that "
          "the sun itself was astonished whenever it shone in her face").split()
 
@@ -196,7 +204,10 @@ def start_server(args, work: Path, model: Path | None = None, adapters: Path | N
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise UserError(f"the server did not start: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
-    return f"http://127.0.0.1:{args.port}", server_flags(work / "server.log")
+    engine_log = work / "server.log"
+    if not engine_log.exists():  # replicas: each engine has its own log, server-r0.log, ...
+        engine_log = work / "server-r0.log"
+    return f"http://127.0.0.1:{args.port}", server_flags(engine_log)
 
 
 def main() -> None:
@@ -206,7 +217,7 @@ def main() -> None:
     p.add_argument("--port", type=int, default=8089, help="port of the benchmark's own server (loopback)")
     p.add_argument("--workdir", type=Path, default=ROOT / "out" / "bench-serve")
     p.add_argument("--llama-bin", type=Path, default=ROOT / "vendor" / "llama.cpp" / "build" / "bin")
-    p.add_argument("--clients", default="1,8,32", help="concurrency levels (default %(default)s)")
+    p.add_argument("--clients", default=DEFAULT_CLIENTS, help="concurrency levels (default %(default)s)")
     p.add_argument("--requests", type=int, default=4, help="requests per client and level")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--max-tokens", type=int, default=128)
@@ -215,14 +226,23 @@ def main() -> None:
     p.add_argument("--adapters", type=Path, default=None,
                    help="folder of GGUF adapters: --model is then their base, served with them (see above)")
     p.add_argument("--merged", type=Path, default=None, help="with --adapters: the merged GGUF of the first adapter")
+    p.add_argument("--replicas", default="1", help="N > 1 (or auto on a multi-GPU machine): the scaling through "
+                   "the balancer (see above)")
+    p.add_argument("--rounds", type=int, default=1, help="with --replicas: each level this many times on each "
+                   "set-up in turn; each cell the median round")
     p.add_argument("--first", default=None, help="with --adapters: the adapter --merged holds (default: the first by name)")
     args = p.parse_args()
     args.api_key = os.environ.get("API_KEY") or None  # serve.py gives the server the same key
     if not args.model.exists():
         raise UserError(f"model file {args.model} does not exist (run 'make quantize')")
+    replicas = lib_replicas.count(args.replicas, lib_replicas.gpu_ids() if args.replicas == "auto" else [])
+    if replicas > 1 and args.clients == DEFAULT_CLIENTS:
+        args.clients = "8,32,128"
     clients = [int(c) for c in args.clients.split(",") if c]
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
+    if replicas > 1:
+        return bench_replicas(args, clients, work, replicas)
     if args.adapters:
         return bench_adapters(args, clients, work)
     levels, cmd = served_levels(args, clients, work, args.model, None,
@@ -273,6 +293,57 @@ def served_levels(args, clients: list[int], work: Path, model: Path, adapters: P
         subprocess.run([sys.executable, str(ROOT / "scripts" / "serve.py"), "stop", "--pid-file",
                         str(work / "server.pid")], capture_output=True)
     return out, cmd
+
+
+def bench_replicas(args, clients: list[int], work: Path, n: int) -> None:
+    """The engine alone, HAProxy with one replica, HAProxy with n replicas (see the docstring). The three run at
+    once (idle engines cost nothing) on ports --port, +1, +2, and each level is measured on the three in turn,
+    --rounds times, so that the noise of a busy machine falls on all three alike; each cell is the median round."""
+    setups = {"alone": "--replicas 1 --balancer none", "haproxy-1": "--replicas 1 --balancer haproxy",
+              f"haproxy-{n}": f"--replicas {n} --balancer haproxy"}
+    modes = {"one-shot": False, "streaming": True}
+    urls, rounds = {}, {}
+    try:
+        for i, (name, extra) in enumerate(setups.items()):
+            (work / name).mkdir(parents=True, exist_ok=True)
+            one = argparse.Namespace(**{**vars(args), "port": args.port + i,
+                                        "serve_args": f"{args.serve_args} {extra}"})
+            urls[name], cmd = start_server(one, work / name)
+            log(f"{name} on {urls[name]}: serve.py {one.serve_args.strip()}; engine: {' '.join(cmd[1:])}")
+        for name, url in urls.items():  # not counted: a fresh server's first steps
+            drive(url, max(clients), args, stream=False, requests=1, first_id=500000)
+        for mode, stream in modes.items():
+            for c in clients:
+                for k in range(args.rounds):
+                    for name, url in urls.items():
+                        r = drive(url, c, args, stream=stream)
+                        rounds.setdefault((name, mode, c), []).append(r)
+                        log(f"{mode}, {c:>3} clients, round {k + 1}, {name}: {r['aggregate']:.1f} tokens/s, "
+                            f"{r['failed']} failed")
+    finally:
+        for name in setups:
+            subprocess.run([sys.executable, str(ROOT / "scripts" / "serve.py"), "stop", "--pid-file",
+                            str(work / name / "server.pid")], capture_output=True)
+    served = {key: sorted(rs, key=lambda r: r["aggregate"])[len(rs) // 2] for key, rs in rounds.items()}
+    print(f"\n{args.model.name}: {args.prompt_tokens}-token prompts, {args.max_tokens} generated tokens each, "
+          f"{args.requests} request(s) per client, median of {args.rounds} round(s); serve.py flags: "
+          f"{args.serve_args.strip() or '(defaults)'}\n")
+    print(f"| clients | mode | engine alone tok/s | HAProxy + 1 replica tok/s (share of alone) | HAProxy + {n} "
+          f"replicas tok/s (x alone) | TTFT p50 alone / 1 / {n} s | failed |")
+    print("|---|---|---|---|---|---|---|")
+    for mode in modes:
+        for c in clients:
+            alone, one, many = (served[name, mode, c] for name in setups)
+            ttft = " / ".join(f"{r['ttft_p50']:.3f}" if r["ttft_p50"] is not None else "-" for r in (alone, one, many))
+            print(f"| {c} | {mode} | {alone['aggregate']:.1f} | {one['aggregate']:.1f} "
+                  f"({one['aggregate'] / alone['aggregate']:.0%}) | {many['aggregate']:.1f} "
+                  f"({many['aggregate'] / alone['aggregate']:.2f}x) | {ttft} | "
+                  f"{sum(r['failed'] for name in setups for r in rounds[name, mode, c])} |")
+    (work / "results-replicas.json").write_text(json.dumps(
+        {"replicas": n, "rounds": {f"{s}@{m}@{c}": rs for (s, m, c), rs in rounds.items()}}, indent=2) + "\n")
+    failed = sum(r["failed"] for rs in rounds.values() for r in rs)
+    if failed:
+        raise UserError(f"{failed} request(s) failed")
 
 
 def bench_adapters(args, clients: list[int], work: Path) -> None:
