@@ -28,6 +28,8 @@ def convert(model: Path, quant: str, out: Path, llama_cpp: Path, logpath: Path) 
     key = quant_key(quant)
     weights = sum(f.stat().st_size for f in model.glob("*.safetensors"))
     cfg = json.loads((model / "config.json").read_text())
+    from lib.merge import require_sentencepiece_file
+    require_sentencepiece_file(model, cfg)
     dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16"
     n_params = weights / (4 if dtype == "float32" else 2)
     per_weight = CONVERTER_TYPES.get(key) or QUANTIZE_TYPES[key]
