@@ -155,6 +155,35 @@ def vocab_without_transformers(original):
     return get_vocab_base
 
 
+def llama_hf_tokens(folder: Path, model_class) -> int | None:
+    """How many tokens the converter writes where it reads a SentencePiece-style BPE from tokenizer.json
+    (LlamaHfVocab: a Llama 2-style base without tokenizer.model); None where it takes another path. That path,
+    unlike the SentencePiece and GPT-2 ones, writes no [PAD] tokens for embedding rows beyond the tokenizer."""
+    import inspect
+
+    fast = folder / "tokenizer.json"
+    if (folder / "tokenizer.model").exists() or not fast.exists() or \
+            "_set_vocab_llama_hf" not in inspect.getsource(model_class.set_vocab):
+        return None
+    tokenizer = json.loads(fast.read_text(encoding="utf-8"))
+    model = tokenizer.get("model") or {}
+    if model.get("type") != "BPE" or not model.get("byte_fallback") or \
+            (tokenizer.get("decoder") or {}).get("type") != "Sequence":  # LlamaHfVocab's own test
+        return None
+    from tokenizers import Tokenizer
+    return Tokenizer.from_file(str(fast)).get_vocab_size(with_added_tokens=True)
+
+
+def cut_to_vocabulary(n_tokens: int):
+    """A modify_tensors that keeps the embedding's and output's first n_tokens rows (as the converter itself
+    does for Gemma 3): rows no tokenizer id reaches, and whose logits would otherwise be sampled."""
+    def modify_tensors(self, data_torch, name, bid):
+        if name.endswith(STREAMED) and data_torch.shape[0] > n_tokens:
+            data_torch = data_torch[:n_tokens]
+        return super(type(self), self).modify_tensors(data_torch, name, bid)
+    return modify_tensors
+
+
 def load_converter(llama_cpp: Path):
     """Import llama.cpp's converter package (and its own gguf-py) from the vendored tree."""
     if not (llama_cpp / "convert_hf_to_gguf.py").exists():
@@ -312,10 +341,17 @@ def write_gguf(source, outtype: str, out: Path, llama_cpp: Path, model_name: str
             model_class = conversion.get_model_class(arch)
         except NotImplementedError:
             raise UserError(f"llama.cpp's converter does not support the architecture {arch}") from None
-        model_class = type(model_class.__name__, (model_class,), {  # the converter, with our tensors and vocab
+        overrides = {  # the converter, with our tensors and vocab
             "model_arch": model_class.model_arch,
             "index_tensors": merged_tensor_index(source, conversion, gguf),
-            "get_vocab_base": vocab_without_transformers(model_class.get_vocab_base)})
+            "get_vocab_base": vocab_without_transformers(model_class.get_vocab_base)}
+        n_tokens, rows = llama_hf_tokens(stage, model_class), int(hparams.get("vocab_size") or 0)
+        if n_tokens is not None and n_tokens < rows:
+            log(f"the embedding has {rows} rows for {n_tokens} tokens in tokenizer.json (no tokenizer.model): "
+                f"the GGUF keeps the first {n_tokens}, the rest no token reaches")
+            hparams["vocab_size"] = n_tokens
+            overrides["modify_tensors"] = cut_to_vocabulary(n_tokens)
+        model_class = type(model_class.__name__, (model_class,), overrides)
         with torch.inference_mode():
             model = model_class(stage, ftype, out, model_name=model_name, hparams=hparams)
             try:

@@ -190,3 +190,43 @@ def test_direct_refuses_unknown_quant_and_missing_disk(tiny_spm, tmp_path):
                   env={"LORA_SHIP_FAKE_FREE_BYTES": "1000"})
     assert proc.returncode == 1 and "not enough disk space" in error_line(proc)
     assert not (tmp_path / "x.gguf").exists()
+
+
+@needs_llama_cpp
+def test_padded_vocabulary_from_tokenizer_json_loads_and_never_samples_a_pad(tiny_spm, tmp_path):
+    """A Llama 2-style base whose embedding was padded (resize_token_embeddings(pad_to_multiple_of=96): 32064
+    rows for 32000 tokens) and that ships only tokenizer.json: the converter's tokenizer.json path writes no
+    padding tokens, so llama.cpp refused the GGUF (token_embd.weight has wrong shape). The GGUF keeps the rows
+    the tokenizer reaches: it loads, serves, and never samples a padding row, even where the HF model's own
+    greedy choice is one (its output rows are made to win here)."""
+    import shutil
+    from helpers import gguf_next_token_logprobs, running_server
+    base_dir, base_model, tok = tiny_spm
+    model = copy.deepcopy(base_model)
+    model.resize_token_embeddings(len(tok), pad_to_multiple_of=96)
+    rows = model.get_output_embeddings().weight.shape[0]
+    assert rows == 32064 > len(tok)
+    prompt = tok("Once upon a time")["input_ids"]
+    peft_model = make_adapter(model, tmp_path / "ckpts" / "a", target_modules=["q_proj", "v_proj"])
+    merged = copy.deepcopy(peft_model).merge_and_unload().eval()
+    with torch.no_grad():
+        best = int(merged(torch.tensor([prompt])).logits[0, -1].argmax())
+        for m in (model, merged):  # the padding rows: 3 × the best token's row, so they beat it
+            m.get_output_embeddings().weight[len(tok):] = 3 * m.get_output_embeddings().weight[best]
+        assert int(merged(torch.tensor([prompt])).logits[0, -1].argmax()) >= len(tok)  # HF would pick a pad
+    base = tmp_path / "base"
+    model.save_pretrained(base, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (base_dir / name).exists():
+            shutil.copy2(base_dir / name, base)
+    assert not (base / "tokenizer.model").exists()
+    out = tmp_path / "padded.f32.gguf"
+    proc = direct(base, tmp_path / "ckpts", out, "--quant", "f32")
+    assert f"{rows} rows for {len(tok)} tokens" in proc.stdout + proc.stderr
+    metadata, ts = read_gguf(out)
+    assert len(metadata["tokenizer.ggml.tokens"]) == len(tok)
+    assert ts["token_embd.weight"].shape[1] == ts["output.weight"].shape[1] == len(tok)  # gguf shapes reversed
+    with running_server(out, tmp_path) as url:
+        generated, tops = gguf_next_token_logprobs(url, prompt, 8, 5)
+    assert generated[0] == best, (generated, best)  # the best real token, as HF's over the tokenizer's rows
+    assert all(t < len(tok) for t in generated) and all(t < len(tok) for top in tops for t in top)
