@@ -9,8 +9,10 @@ Its single-threaded numpy q8_0 is replaced by a multi-threaded torch one that gi
 It does not import Transformers where it can do without (ConfigFromJson, FastTokenizer): that import alone
 costs more than merging the default model on two cores.
 
-The merged weights are rounded to the base's dtype before quantizing, exactly as the two-step path
-(merge_lora.py writing an HF model, then convert_gguf.py) does, so both give the same GGUF tensors.
+The merged weights go to the converter in float32 where the output is f32 or quantized (q8_0, and the f16
+GGUF that llama-quantize types start from), so they are rounded once, to the output type. For f16 and bf16
+output, or with --round-to-base-dtype, they are first rounded to the base's dtype, exactly as the two-step
+path (merge_lora.py writing an HF model, then convert_gguf.py) does, and both give the same GGUF tensors.
 
 --quant q8_0 (default), f16, bf16, f32 are written directly; llama-quantize types (Q4_K_M, ...) go
 through a 16-bit GGUF that is deleted afterwards.
@@ -374,6 +376,8 @@ def main() -> None:
     p.add_argument("--out", required=True, type=Path, help="GGUF file to write")
     p.add_argument("--llama-cpp", type=Path, default=ROOT / "vendor" / "llama.cpp", help="llama.cpp folder")
     p.add_argument("--log", type=Path, default=ROOT / "out" / "logs" / "convert.log", help="llama-quantize log")
+    p.add_argument("--round-to-base-dtype", action="store_true", help="round the merged weights to the base's "
+                   "dtype before the output type, as the two-step path does (same bytes as it; one rounding more)")
     args = p.parse_args()
 
     from lib.checkpoints import select_checkpoint
@@ -385,7 +389,9 @@ def main() -> None:
     if key in QUANTIZE_TYPES and not quantize.exists():
         raise UserError(f"{quantize} not found: run 'make vendor' first")
     ckpt = select_checkpoint(args.checkpoints_dir, args.checkpoint, args.fallback)
-    source = MergedSource(args.base, ckpt)
+    # 16-bit output: rounded to the base's dtype first (a bf16 base to f16 keeps today's bytes); else float32
+    rounded = args.round_to_base_dtype or key in ("f16", "bf16")
+    source = MergedSource(args.base, ckpt, "auto" if rounded else "fp32")
     n_params = sum(math.prod(shape) for _, _, shape in source.plan)
     per_weight = CONVERTER_TYPES.get(key) or QUANTIZE_TYPES[key] + 2
     require_free_space(args.out.parent, int(n_params * per_weight), f"the {key} GGUF")

@@ -82,8 +82,12 @@ def test_direct_equals_two_step_bpe_bf16_sharded(tmp_path):
     make_adapter(base_model, tmp_path / "ckpts" / "a", target_modules=["q_proj", "v_proj", "up_proj"],
                  use_rslora=True, modules_to_save=["lm_head"])
     out = tmp_path / "direct.q8_0.gguf"
-    direct(base_dir, tmp_path / "ckpts", out, env={"LORA_SHIP_ROW_CHUNK_BYTES": "100000"})
+    # a bf16 base: the two-step path's merged copy is rounded to bf16; the direct merge rounds as it only if asked
+    direct(base_dir, tmp_path / "ckpts", out, "--round-to-base-dtype", env={"LORA_SHIP_ROW_CHUNK_BYTES": "100000"})
     assert_same_gguf(out, two_step(base_dir, tmp_path / "ckpts", tmp_path))
+    direct(base_dir, tmp_path / "ckpts", tmp_path / "f32-hand-off.q8_0.gguf")
+    changed = tensors(tmp_path / "f32-hand-off.q8_0.gguf")
+    assert any(not np.array_equal(t.data, changed[name].data) for name, t in tensors(out).items())
 
 
 def direct_reporting_imports(base, ckpts, out, check=True):
@@ -230,3 +234,31 @@ def test_padded_vocabulary_from_tokenizer_json_loads_and_never_samples_a_pad(tin
         generated, tops = gguf_next_token_logprobs(url, prompt, 8, 5)
     assert generated[0] == best, (generated, best)  # the best real token, as HF's over the tokenizer's rows
     assert all(t < len(tok) for t in generated) and all(t < len(tok) for top in tops for t in top)
+
+
+@needs_llama_cpp
+def test_f32_from_a_bf16_base_is_not_rounded_to_bf16(tiny_bpe, tmp_path):
+    """A bf16 base merged straight to f32: the merged weights reach the converter in float32, so the GGUF's
+    logits are within 5e-4 (relative, every position) of PEFT's fp32 merge; --round-to-base-dtype rounds
+    them to bf16 first (the two-step path's bytes) and lands several times further off."""
+    from test_families import llama_cpp_logits, random_ids
+    base_dir, base_model, tok = tiny_bpe
+    # scaling 0.25: the delta about as large as the base weights (the default 2 drowns them, and the logits then
+    # differ by 1e-2 between any two fp32 implementations)
+    peft_model = make_adapter(base_model.float(), tmp_path / "ckpts" / "a", target_modules="all-linear", lora_alpha=1)
+    base_model.to(torch.bfloat16)  # .float() above converted the session's model in place
+    merged = copy.deepcopy(peft_model).merge_and_unload().eval()
+    ids = random_ids(tok)[:64]
+    with torch.no_grad():
+        ref = merged(torch.tensor([ids])).logits[0].double().numpy()
+
+    def error(*extra):
+        out = tmp_path / f"m{len(extra)}.f32.gguf"
+        direct(base_dir, tmp_path / "ckpts", out, "--quant", "f32", *extra)
+        ours = llama_cpp_logits(out, ids)[:, :ref.shape[1]]
+        return float((np.linalg.norm(ours - ref, axis=1) / np.linalg.norm(ref, axis=1)).max())
+
+    exact, rounded = error(), error("--round-to-base-dtype")
+    print(f"f32 from a bf16 base: max relative logit error {exact:.2e} (float32 hand-off), "
+          f"{rounded:.2e} (rounded to bf16 first)")
+    assert exact <= 5e-4 and rounded > 3 * exact, (exact, rounded)
