@@ -234,6 +234,11 @@ def test_padded_vocabulary_from_tokenizer_json_loads_and_never_samples_a_pad(tin
         generated, tops = gguf_next_token_logprobs(url, prompt, 8, 5)
     assert generated[0] == best, (generated, best)  # the best real token, as HF's over the tokenizer's rows
     assert all(t < len(tok) for t in generated) and all(t < len(tok) for top in tops for t in top)
+    # the stock converter (convert_gguf.py: the base GGUF, KEEP_MERGED=1) would write a GGUF llama.cpp refuses
+    out = tmp_path / "base.f16.gguf"
+    proc = run_script("convert_gguf.py", "--model", base, "--quant", "f16", "--out", out, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"{rows} rows for {len(tok)} tokens in tokenizer.json" in error_line(proc) and not out.exists()
 
 
 @needs_llama_cpp
