@@ -75,7 +75,7 @@ def main() -> None:
         plan_merge(CheckpointReader(base), pairs, replace, cfg, base_cfg, None)
         if warning := recorded_base_differs(cfg, base):
             print(warning, file=sys.stderr)
-        check_tokenizer(tokenizer_source(base, ckpt))
+        check_tokenizer(tokenizer_source(base, ckpt), base_cfg)
     elif (ckpt / "tokenizer_config.json").exists():
         check_tokenizer(ckpt)
     demo = " (the shipped demo adapter: no checkpoint of yours was found)" if ckpt == args.fallback else ""

@@ -18,6 +18,29 @@ from lib.common import ROOT, UserError, atomic_file, human_bytes, log, require_f
 from lib.quants import CONVERTER_TYPES, QUANTIZE_TYPES, quant_key, via_16bit  # noqa: E402
 
 
+def refuse_unpadded_vocabulary(model: Path, cfg: dict, llama_cpp: Path) -> None:
+    """One line instead of a GGUF llama.cpp refuses: an embedding with more rows than a tokenizer.json-only Llama
+    2-style vocabulary, which the converter writes without padding tokens (merge_gguf.py cuts the rows instead)."""
+    fast = model / "tokenizer.json"
+    if (model / "tokenizer.model").exists() or not fast.exists() or not cfg.get("architectures"):
+        return
+    from tokenizers import Tokenizer
+    n_tokens = Tokenizer.from_file(str(fast)).get_vocab_size(with_added_tokens=True)
+    if n_tokens >= int(cfg.get("vocab_size") or 0):
+        return
+    from merge_gguf import llama_hf_tokens, load_converter  # the converter's own class decides its vocabulary path
+    conversion, _ = load_converter(llama_cpp)
+    try:
+        model_class = conversion.get_model_class(cfg["architectures"][0])
+    except NotImplementedError:
+        return
+    if llama_hf_tokens(model, model_class) is not None:
+        raise UserError(f"{model}: the embedding has {cfg['vocab_size']} rows for {n_tokens} tokens in tokenizer.json "
+                        f"(no tokenizer.model): llama.cpp's converter writes no padding tokens there and llama.cpp "
+                        f"would refuse the GGUF; add the model's tokenizer.model, or merge without KEEP_MERGED "
+                        f"(merge_gguf.py keeps one row per token)")
+
+
 def convert(model: Path, quant: str, out: Path, llama_cpp: Path, logpath: Path) -> None:
     converter = llama_cpp / "convert_hf_to_gguf.py"
     quantize = llama_cpp / "build" / "bin" / "llama-quantize"
@@ -28,6 +51,9 @@ def convert(model: Path, quant: str, out: Path, llama_cpp: Path, logpath: Path) 
     key = quant_key(quant)
     weights = sum(f.stat().st_size for f in model.glob("*.safetensors"))
     cfg = json.loads((model / "config.json").read_text())
+    from lib.merge import require_sentencepiece_file
+    require_sentencepiece_file(model, cfg)
+    refuse_unpadded_vocabulary(model, cfg, llama_cpp)
     dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16"
     n_params = weights / (4 if dtype == "float32" else 2)
     per_weight = CONVERTER_TYPES.get(key) or QUANTIZE_TYPES[key]

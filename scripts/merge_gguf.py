@@ -9,8 +9,10 @@ Its single-threaded numpy q8_0 is replaced by a multi-threaded torch one that gi
 It does not import Transformers where it can do without (ConfigFromJson, FastTokenizer): that import alone
 costs more than merging the default model on two cores.
 
-The merged weights are rounded to the base's dtype before quantizing, exactly as the two-step path
-(merge_lora.py writing an HF model, then convert_gguf.py) does, so both give the same GGUF tensors.
+The merged weights go to the converter in float32 where the output is f32 or quantized (q8_0, and the f16
+GGUF that llama-quantize types start from), so they are rounded once, to the output type. For f16 and bf16
+output, or with --round-to-base-dtype, they are first rounded to the base's dtype, exactly as the two-step
+path (merge_lora.py writing an HF model, then convert_gguf.py) does, and both give the same GGUF tensors.
 
 --quant q8_0 (default), f16, bf16, f32 are written directly; llama-quantize types (Q4_K_M, ...) go
 through a 16-bit GGUF that is deleted afterwards.
@@ -153,6 +155,35 @@ def vocab_without_transformers(original):
                     log("the tokenizer's pre-tokenizer hash is unknown to the converter; retrying with Transformers")
         return original(self)
     return get_vocab_base
+
+
+def llama_hf_tokens(folder: Path, model_class) -> int | None:
+    """How many tokens the converter writes where it reads a SentencePiece-style BPE from tokenizer.json
+    (LlamaHfVocab: a Llama 2-style base without tokenizer.model); None where it takes another path. That path,
+    unlike the SentencePiece and GPT-2 ones, writes no [PAD] tokens for embedding rows beyond the tokenizer."""
+    import inspect
+
+    fast = folder / "tokenizer.json"
+    if (folder / "tokenizer.model").exists() or not fast.exists() or \
+            "_set_vocab_llama_hf" not in inspect.getsource(model_class.set_vocab):
+        return None
+    tokenizer = json.loads(fast.read_text(encoding="utf-8"))
+    model = tokenizer.get("model") or {}
+    if model.get("type") != "BPE" or not model.get("byte_fallback") or \
+            (tokenizer.get("decoder") or {}).get("type") != "Sequence":  # LlamaHfVocab's own test
+        return None
+    from tokenizers import Tokenizer
+    return Tokenizer.from_file(str(fast)).get_vocab_size(with_added_tokens=True)
+
+
+def cut_to_vocabulary(n_tokens: int):
+    """A modify_tensors that keeps the embedding's and output's first n_tokens rows (as the converter itself
+    does for Gemma 3): rows no tokenizer id reaches, and whose logits would otherwise be sampled."""
+    def modify_tensors(self, data_torch, name, bid):
+        if name.endswith(STREAMED) and data_torch.shape[0] > n_tokens:
+            data_torch = data_torch[:n_tokens]
+        return super(type(self), self).modify_tensors(data_torch, name, bid)
+    return modify_tensors
 
 
 def load_converter(llama_cpp: Path):
@@ -312,10 +343,17 @@ def write_gguf(source, outtype: str, out: Path, llama_cpp: Path, model_name: str
             model_class = conversion.get_model_class(arch)
         except NotImplementedError:
             raise UserError(f"llama.cpp's converter does not support the architecture {arch}") from None
-        model_class = type(model_class.__name__, (model_class,), {  # the converter, with our tensors and vocab
+        overrides = {  # the converter, with our tensors and vocab
             "model_arch": model_class.model_arch,
             "index_tensors": merged_tensor_index(source, conversion, gguf),
-            "get_vocab_base": vocab_without_transformers(model_class.get_vocab_base)})
+            "get_vocab_base": vocab_without_transformers(model_class.get_vocab_base)}
+        n_tokens, rows = llama_hf_tokens(stage, model_class), int(hparams.get("vocab_size") or 0)
+        if n_tokens is not None and n_tokens < rows:
+            log(f"the embedding has {rows} rows for {n_tokens} tokens in tokenizer.json (no tokenizer.model): "
+                f"the GGUF keeps the first {n_tokens}, the rest no token reaches")
+            hparams["vocab_size"] = n_tokens
+            overrides["modify_tensors"] = cut_to_vocabulary(n_tokens)
+        model_class = type(model_class.__name__, (model_class,), overrides)
         with torch.inference_mode():
             model = model_class(stage, ftype, out, model_name=model_name, hparams=hparams)
             try:
@@ -338,6 +376,8 @@ def main() -> None:
     p.add_argument("--out", required=True, type=Path, help="GGUF file to write")
     p.add_argument("--llama-cpp", type=Path, default=ROOT / "vendor" / "llama.cpp", help="llama.cpp folder")
     p.add_argument("--log", type=Path, default=ROOT / "out" / "logs" / "convert.log", help="llama-quantize log")
+    p.add_argument("--round-to-base-dtype", action="store_true", help="round the merged weights to the base's "
+                   "dtype before the output type, as the two-step path does (same bytes as it; one rounding more)")
     args = p.parse_args()
 
     from lib.checkpoints import select_checkpoint
@@ -349,7 +389,9 @@ def main() -> None:
     if key in QUANTIZE_TYPES and not quantize.exists():
         raise UserError(f"{quantize} not found: run 'make vendor' first")
     ckpt = select_checkpoint(args.checkpoints_dir, args.checkpoint, args.fallback)
-    source = MergedSource(args.base, ckpt)
+    # 16-bit output: rounded to the base's dtype first (a bf16 base to f16 keeps today's bytes); else float32
+    rounded = args.round_to_base_dtype or key in ("f16", "bf16")
+    source = MergedSource(args.base, ckpt, "auto" if rounded else "fp32")
     n_params = sum(math.prod(shape) for _, _, shape in source.plan)
     per_weight = CONVERTER_TYPES.get(key) or QUANTIZE_TYPES[key] + 2
     require_free_space(args.out.parent, int(n_params * per_weight), f"the {key} GGUF")

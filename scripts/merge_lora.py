@@ -55,7 +55,7 @@ def merge_peft(base_dir: Path, ckpt: Path, out: Path, out_dtype_name: str) -> di
 
     cfg = read_adapter_config(ckpt)
     check_adapter_config(cfg)
-    check_tokenizer(tokenizer_source(base_dir, ckpt))
+    check_tokenizer(tokenizer_source(base_dir, ckpt), json.loads((base_dir / "config.json").read_text()))
     dtype = {"auto": "auto", "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[out_dtype_name]
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
     model = PeftModel.from_pretrained(model, ckpt).merge_and_unload()

@@ -216,6 +216,52 @@ def test_slow_tokenizer_only_base(tmp_path):
     merge_gguf(tmp_path / "base", tmp_path / "ckpts", tmp_path / "m.q8_0.gguf", "q8_0")
 
 
+@pytest.mark.parametrize("name", ["gemma2", "phi3", "gemma3"])
+def test_base_without_tokenizer_model(name, tmp_path):
+    """Gemma 2 and Phi-3 ship tokenizer.json too, but llama.cpp's converter for them reads only tokenizer.model:
+    without it `make check`, the direct merge and the plain converter each stop with one line, before merging
+    anything. Gemma 3's converter falls back to tokenizer.json: its check passes."""
+    from lib.merge import SENTENCEPIECE_ONLY
+    from test_merge import check, expect_error
+    fam = FAMILIES[name]
+    model, _ = make_family_model(fam, tmp_path / "base")
+    make_adapter(model, tmp_path / "ckpts" / "a", target_modules=["qkv_proj"] if name == "phi3" else ["q_proj"])
+    (tmp_path / "base" / "tokenizer.model").unlink()
+    arch = model.config.architectures[0]
+    proc = check(tmp_path / "base", tmp_path / "ckpts")
+    if name == "gemma3":
+        assert arch not in SENTENCEPIECE_ONLY and proc.returncode == 0, proc.stderr
+        return
+    missing = str(tmp_path / "base" / "tokenizer.model")
+    expect_error(proc, missing, "is missing", arch)
+    out = tmp_path / "m.q8_0.gguf"
+    expect_error(run_script("merge_gguf.py", "--base", tmp_path / "base", "--checkpoints-dir", tmp_path / "ckpts",
+                            "--out", out, check=False), missing, "is missing", out=out)
+    out = tmp_path / "base.f16.gguf"
+    expect_error(run_script("convert_gguf.py", "--model", tmp_path / "base", "--quant", "f16", "--out", out,
+                            check=False), missing, "is missing", out=out)
+
+
+def test_sentencepiece_only_architectures_are_the_pinned_converters():
+    """Each architecture the check holds to tokenizer.model has a converter class in the pinned llama.cpp whose
+    set_vocab reads tokenizer.model (the list was read off conversion/*.py); Gemma 3's and Llama's fall back."""
+    import subprocess
+    import sys
+    from helpers import ROOT
+    from lib.merge import SENTENCEPIECE_ONLY
+    probe = ("import sys, inspect, json; sys.path[:0] = ['gguf-py', '.']; import conversion\n"
+             "src = {a: inspect.getsource(conversion.get_model_class(a).set_vocab) for a in sys.argv[1:]}\n"
+             "print(json.dumps(src))")
+    archs = sorted(SENTENCEPIECE_ONLY) + ["Gemma3ForCausalLM", "LlamaForCausalLM"]
+    proc = subprocess.run([sys.executable, "-c", probe, *archs], cwd=ROOT / "vendor" / "llama.cpp",
+                          capture_output=True, text=True, check=True)
+    sources = json.loads(proc.stdout.strip().splitlines()[-1])
+    for arch, src in sources.items():
+        reads_spm = "_vocab_sentencepiece()" in src or "'tokenizer.model'" in src
+        guarded = "is_file():\n            self._set_vocab_sentencepiece()" in src or "except FileNotFoundError" in src
+        assert reads_spm and (guarded == (arch not in SENTENCEPIECE_ONLY)), arch
+
+
 # one family per tokenizer kind: Llama 2 SentencePiece (Mistral; Qwen3 and the Gemmas share their code paths
 # with these three), Qwen2 BPE, Phi-3's SentencePiece with its special tokens; Llama 3 runs in test_make.py
 @needs_llama_cpp

@@ -82,8 +82,12 @@ def test_direct_equals_two_step_bpe_bf16_sharded(tmp_path):
     make_adapter(base_model, tmp_path / "ckpts" / "a", target_modules=["q_proj", "v_proj", "up_proj"],
                  use_rslora=True, modules_to_save=["lm_head"])
     out = tmp_path / "direct.q8_0.gguf"
-    direct(base_dir, tmp_path / "ckpts", out, env={"LORA_SHIP_ROW_CHUNK_BYTES": "100000"})
+    # a bf16 base: the two-step path's merged copy is rounded to bf16; the direct merge rounds as it only if asked
+    direct(base_dir, tmp_path / "ckpts", out, "--round-to-base-dtype", env={"LORA_SHIP_ROW_CHUNK_BYTES": "100000"})
     assert_same_gguf(out, two_step(base_dir, tmp_path / "ckpts", tmp_path))
+    direct(base_dir, tmp_path / "ckpts", tmp_path / "f32-hand-off.q8_0.gguf")
+    changed = tensors(tmp_path / "f32-hand-off.q8_0.gguf")
+    assert any(not np.array_equal(t.data, changed[name].data) for name, t in tensors(out).items())
 
 
 def direct_reporting_imports(base, ckpts, out, check=True):
@@ -190,3 +194,76 @@ def test_direct_refuses_unknown_quant_and_missing_disk(tiny_spm, tmp_path):
                   env={"LORA_SHIP_FAKE_FREE_BYTES": "1000"})
     assert proc.returncode == 1 and "not enough disk space" in error_line(proc)
     assert not (tmp_path / "x.gguf").exists()
+
+
+@needs_llama_cpp
+def test_padded_vocabulary_from_tokenizer_json_loads_and_never_samples_a_pad(tiny_spm, tmp_path):
+    """A Llama 2-style base whose embedding was padded (resize_token_embeddings(pad_to_multiple_of=96): 32064
+    rows for 32000 tokens) and that ships only tokenizer.json: the converter's tokenizer.json path writes no
+    padding tokens, so llama.cpp refused the GGUF (token_embd.weight has wrong shape). The GGUF keeps the rows
+    the tokenizer reaches: it loads, serves, and never samples a padding row, even where the HF model's own
+    greedy choice is one (its output rows are made to win here)."""
+    import shutil
+    from helpers import gguf_next_token_logprobs, running_server
+    base_dir, base_model, tok = tiny_spm
+    model = copy.deepcopy(base_model)
+    model.resize_token_embeddings(len(tok), pad_to_multiple_of=96)
+    rows = model.get_output_embeddings().weight.shape[0]
+    assert rows == 32064 > len(tok)
+    prompt = tok("Once upon a time")["input_ids"]
+    peft_model = make_adapter(model, tmp_path / "ckpts" / "a", target_modules=["q_proj", "v_proj"])
+    merged = copy.deepcopy(peft_model).merge_and_unload().eval()
+    with torch.no_grad():
+        best = int(merged(torch.tensor([prompt])).logits[0, -1].argmax())
+        for m in (model, merged):  # the padding rows: 3 × the best token's row, so they beat it
+            m.get_output_embeddings().weight[len(tok):] = 3 * m.get_output_embeddings().weight[best]
+        assert int(merged(torch.tensor([prompt])).logits[0, -1].argmax()) >= len(tok)  # HF would pick a pad
+    base = tmp_path / "base"
+    model.save_pretrained(base, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (base_dir / name).exists():
+            shutil.copy2(base_dir / name, base)
+    assert not (base / "tokenizer.model").exists()
+    out = tmp_path / "padded.f32.gguf"
+    proc = direct(base, tmp_path / "ckpts", out, "--quant", "f32")
+    assert f"{rows} rows for {len(tok)} tokens" in proc.stdout + proc.stderr
+    metadata, ts = read_gguf(out)
+    assert len(metadata["tokenizer.ggml.tokens"]) == len(tok)
+    assert ts["token_embd.weight"].shape[1] == ts["output.weight"].shape[1] == len(tok)  # gguf shapes reversed
+    with running_server(out, tmp_path) as url:
+        generated, tops = gguf_next_token_logprobs(url, prompt, 8, 5)
+    assert generated[0] == best, (generated, best)  # the best real token, as HF's over the tokenizer's rows
+    assert all(t < len(tok) for t in generated) and all(t < len(tok) for top in tops for t in top)
+    # the stock converter (convert_gguf.py: the base GGUF, KEEP_MERGED=1) would write a GGUF llama.cpp refuses
+    out = tmp_path / "base.f16.gguf"
+    proc = run_script("convert_gguf.py", "--model", base, "--quant", "f16", "--out", out, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"{rows} rows for {len(tok)} tokens in tokenizer.json" in error_line(proc) and not out.exists()
+
+
+@needs_llama_cpp
+def test_f32_from_a_bf16_base_is_not_rounded_to_bf16(tiny_bpe, tmp_path):
+    """A bf16 base merged straight to f32: the merged weights reach the converter in float32, so the GGUF's
+    logits are within 5e-4 (relative, every position) of PEFT's fp32 merge; --round-to-base-dtype rounds
+    them to bf16 first (the two-step path's bytes) and lands several times further off."""
+    from test_families import llama_cpp_logits, random_ids
+    base_dir, base_model, tok = tiny_bpe
+    # scaling 0.25: the delta about as large as the base weights (the default 2 drowns them, and the logits then
+    # differ by 1e-2 between any two fp32 implementations)
+    peft_model = make_adapter(base_model.float(), tmp_path / "ckpts" / "a", target_modules="all-linear", lora_alpha=1)
+    base_model.to(torch.bfloat16)  # .float() above converted the session's model in place
+    merged = copy.deepcopy(peft_model).merge_and_unload().eval()
+    ids = random_ids(tok)[:64]
+    with torch.no_grad():
+        ref = merged(torch.tensor([ids])).logits[0].double().numpy()
+
+    def error(*extra):
+        out = tmp_path / f"m{len(extra)}.f32.gguf"
+        direct(base_dir, tmp_path / "ckpts", out, "--quant", "f32", *extra)
+        ours = llama_cpp_logits(out, ids)[:, :ref.shape[1]]
+        return float((np.linalg.norm(ours - ref, axis=1) / np.linalg.norm(ref, axis=1)).max())
+
+    exact, rounded = error(), error("--round-to-base-dtype")
+    print(f"f32 from a bf16 base: max relative logit error {exact:.2e} (float32 hand-off), "
+          f"{rounded:.2e} (rounded to bf16 first)")
+    assert exact <= 5e-4 and rounded > 3 * exact, (exact, rounded)

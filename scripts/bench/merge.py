@@ -72,7 +72,8 @@ def main() -> None:
         "seed convert": [py, converter, str(work / "seed-merged"), "--outtype", args.quant, "--outfile",
                          str(seed_gguf)],
         "ours (merge_gguf.py)": [py, str(scripts / "merge_gguf.py"), "--base", str(args.base), "--checkpoint", ckpt,
-                                 "--quant", args.quant, "--out", str(ours_gguf), "--llama-cpp", str(args.llama_cpp)],
+                                 "--quant", args.quant, "--out", str(ours_gguf), "--llama-cpp", str(args.llama_cpp),
+                                 "--round-to-base-dtype"],  # rounded as the seed's merged copy, for the byte check
     }
     results = {}
     for name, cmd in steps.items():

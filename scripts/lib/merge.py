@@ -26,6 +26,18 @@ QUANTIZED_SUFFIX = r"(-unsloth)?(-bnb)?-[48]bit$|-(gptq|awq)(-int[48])?$"
 UNSUPPORTED = {"lora_bias": "LoRA bias terms", "layer_replication": "layer replication",
                "target_parameters": "target_parameters", "use_qalora": "QALoRA", "use_bdlora": "BD-LoRA"}
 TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"  # PEFT's trainable tokens: new values of some rows
+# config.json "architectures" whose converter class in the pinned llama.cpp (conversion/*.py, set_vocab) reads
+# tokenizer.model with no fallback to tokenizer.json: _set_vocab_sentencepiece / _create_vocab_sentencepiece
+# unguarded (FileNotFoundError), or its own copy of it (ValueError / sys.exit). Phi-3's class takes a
+# tokenizer_class GPT2Tokenizer (Phi-4) through tokenizer.json instead. Gemma 3, Llama, Mistral, Qwen2, DeepSeek,
+# Grok, Jamba, Mamba, MPT, OpenELM, RWKV fall back when the file is missing; T5 and the TTS models are not
+# causal LMs this pipeline merges.
+SENTENCEPIECE_ONLY = {
+    "ArcticForCausalLM", "BaichuanForCausalLM", "BaiChuanForCausalLM", "BitnetForCausalLM", "BitNetForCausalLM",
+    "Ernie4_5ForCausalLM", "Ernie4_5_ForCausalLM", "Ernie4_5_MoeForCausalLM", "PaddleOCRVLForConditionalGeneration",
+    "GemmaForCausalLM", "Gemma2ForCausalLM", "InternLM2ForCausalLM", "InternLM3ForCausalLM", "MiniCPMForCausalLM",
+    "MiniCPM3ForCausalLM", "NemotronForCausalLM", "OrionForCausalLM", "PanguEmbeddedForCausalLM",
+    "Phi3ForCausalLM", "Phi4ForCausalLMV", "PhiMoEForCausalLM", "PlamoForCausalLM"}
 
 
 def check_adapter_config(cfg: dict) -> None:
@@ -161,7 +173,7 @@ class MergedSource:
         self.lora = LoraConfig.from_dict(self.adapter_cfg)
         self.base_cfg = json.loads((self.base_dir / "config.json").read_text())
         self.base = CheckpointReader(self.base_dir)
-        check_tokenizer(tokenizer_source(self.base_dir, self.ckpt))
+        check_tokenizer(tokenizer_source(self.base_dir, self.ckpt), self.base_cfg)
         if warning := recorded_base_differs(self.adapter_cfg, self.base_dir):
             print(warning, file=sys.stderr)
         self.pairs, self.replace = parse_adapter(read_adapter_weights(ckpt), self.adapter_cfg)
@@ -249,10 +261,13 @@ def tokenizer_source(base_dir: Path, ckpt: Path) -> Path:
     return ckpt if (ckpt / "tokenizer_config.json").exists() else base_dir
 
 
-def check_tokenizer(folder: Path) -> None:
+def check_tokenizer(folder: Path, base_cfg: dict | None = None) -> None:
     """The tokenizer files the merged model gets from `folder` must load: the converter reads them only after
-    the whole merge, and a broken one would end it in a traceback."""
+    the whole merge, and a broken one would end it in a traceback. With the base's config.json, the files its
+    architecture's converter needs must be there."""
     model = Path(folder) / "tokenizer.model"
+    if base_cfg is not None:
+        require_sentencepiece_file(folder, base_cfg)
     if model.exists():
         import sentencepiece
         try:
@@ -272,6 +287,23 @@ def check_tokenizer(folder: Path) -> None:
                             f"true in its \"model\": llama.cpp's converter would write it as a SentencePiece "
                             f"vocabulary that fails every request; set \"byte_fallback\": false there, as in the "
                             f"model's original tokenizer.json")
+
+
+def require_sentencepiece_file(folder: Path, base_cfg: dict) -> None:
+    """One line where the converter for the base's architecture would stop on a missing tokenizer.model."""
+    archs = [a for a in base_cfg.get("architectures") or [] if a in SENTENCEPIECE_ONLY]
+    if not archs or (Path(folder) / "tokenizer.model").exists():
+        return
+    if archs[0] in ("Phi3ForCausalLM", "Phi4ForCausalLMV", "PhiMoEForCausalLM"):
+        try:
+            tok_cfg = json.loads((Path(folder) / "tokenizer_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            tok_cfg = {}
+        if tok_cfg.get("tokenizer_class") == "GPT2Tokenizer":  # Phi-4: the converter reads tokenizer.json
+            return
+    raise UserError(f"{Path(folder) / 'tokenizer.model'} is missing: llama.cpp's converter for {archs[0]} reads "
+                    f"the SentencePiece model and cannot use tokenizer.json alone; copy tokenizer.model from the "
+                    f"original model into {folder}")
 
 
 def byte_level_with_byte_fallback(tokenizer: dict) -> bool:
