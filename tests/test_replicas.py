@@ -155,7 +155,8 @@ def plan_args(tmp_path, **overrides):
         backend_sampling="auto", cache_ram="auto", api_key="k", extra_args="", adapters=None, engine="llama-server",
         llamafile=tmp_path / "none", llama_server=LLAMA_SERVER, replicas="auto", remote_replicas="", balancer="auto",
         affinity="on", check_interval_ms=1000, pid_file=tmp_path / "server.pid", log=tmp_path / "server.log",
-        timeout=60, max_tokens=1024, make_vars="", web="", open=False)
+        timeout=60, max_tokens=1024, make_vars="", web="", open=False, keys_file=None, admin_key_file=None,
+        admin_key=None, usage_log=None)
     vars(args).update(overrides)
     return args
 
