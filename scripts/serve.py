@@ -361,15 +361,20 @@ def start(args) -> None:
     log("serving in the foreground; press Ctrl-C to stop")
     if args.pid_file:
         write_pid(args.pid_file, proc.pid, args)
+    wait_in_foreground(proc, args.pid_file, grace=15)
+
+
+def wait_in_foreground(proc: subprocess.Popen, pid_file: Path | None, grace: float) -> None:
+    """Until proc ends; SIGTERM or Ctrl-C stop it (grace seconds to exit); its pid file goes with it."""
     signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
     try:
         proc.wait()
     except KeyboardInterrupt:
         proc.terminate()
-        proc.wait(timeout=15)
+        proc.wait(timeout=grace)
     finally:
-        if args.pid_file:
-            args.pid_file.unlink(missing_ok=True)
+        if pid_file:
+            pid_file.unlink(missing_ok=True)
 
 
 def stop(args) -> None:

@@ -237,15 +237,7 @@ def start(args, serve) -> None:
             f"the replicas, '{serve.make_hint('stop', args)}' ends them")
         return
     log("serving in the foreground; press Ctrl-C to stop")
-    signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
-    try:
-        proc.wait()
-    except KeyboardInterrupt:
-        proc.terminate()
-        proc.wait(timeout=30)
-    finally:
-        if args.pid_file:
-            args.pid_file.unlink(missing_ok=True)
+    serve.wait_in_foreground(proc, args.pid_file, grace=30)  # the supervisor stops its replicas first
 
 
 def engine_and_gpus(args, serve) -> tuple[str, Path, list[str]]:
