@@ -226,12 +226,29 @@ def test_balancer_config(tmp_path):
     assert "retry-on conn-failure empty-response response-timeout" in cfg and "option redispatch 1" in cfg
     # no more requests at once than the engine has slots (the rest wait in HAProxy): its /health stays answered
     assert "server r0 127.0.0.1:9001 maxconn 4" in cfg and "server remote0 10.0.0.2:8080 maxconn 32" in cfg
-    assert "http-buffer-request" not in cfg and "be_affinity" not in cfg  # nothing buffered without affinity
+    assert "http-buffer-request" not in cfg and "stick" not in cfg  # nothing buffered without affinity
     with_affinity = balancer.render("127.0.0.1", 8080, [("r0", "127.0.0.1:9001", 4)], tmp_path / "s.sock")
-    assert "balance hash var(txn.session)" in with_affinity and "hash-type consistent" in with_affinity
+    assert "stick on var(txn.session)" in with_affinity and with_affinity.count("\nbackend ") == 1
     if HAPROXY:  # haproxy itself accepts both
         for text in (cfg, with_affinity):
             (tmp_path / "h.cfg").write_text(text)
+            balancer.check_config(HAPROXY, tmp_path / "h.cfg")
+
+
+def test_stats_socket_fits_haproxy_from_a_deep_folder(tmp_path):
+    """HAProxy takes a socket path of at most 97 bytes (CI's pytest folders are longer): a deep state folder's
+    socket moves to a short name, and what haproxy says of a bad config reaches the one-line error."""
+    from lib import balancer, replicas
+    deep = tmp_path / ("d" * 60) / "server.replicas"
+    sock = replicas.socket_path(deep)
+    assert len(str(sock)) <= 97 and sock == replicas.socket_path(deep)  # short and stable: `make status` finds it
+    assert replicas.socket_path(Path("/srv/x")) == Path("/srv/x/haproxy.sock")
+    if HAPROXY:
+        (tmp_path / "h.cfg").write_text(balancer.render("127.0.0.1", 8080, [("r0", "127.0.0.1:9001", 4)], sock))
+        balancer.check_config(HAPROXY, tmp_path / "h.cfg")
+        (tmp_path / "h.cfg").write_text(balancer.render("127.0.0.1", 8080, [("r0", "127.0.0.1:9001", 4)],
+                                                        deep / "haproxy.sock"))
+        with pytest.raises(UserError, match="too long"):
             balancer.check_config(HAPROXY, tmp_path / "h.cfg")
 
 

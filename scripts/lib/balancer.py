@@ -8,10 +8,12 @@ reach the client token by token). Headers pass through untouched, so each llama-
 `Authorization` key itself, exactly as on one server.
 
 Affinity (on by default): a request that names its conversation (header X-Session-Id, or the OpenAI `user`
-field of a JSON body) goes to backend `be_affinity`, the same servers balanced by a consistent hash of that
-name, so one conversation keeps hitting the replica that holds its prompt cache; a replica that is down or
-drained leaves the hash ring and its conversations move to the others. Only requests with a body are buffered
-for the `user` field (the request, never the response).
+field of a JSON body) sticks to the replica that answered that conversation's first request (a stick table),
+so one conversation keeps hitting the replica that holds its prompt cache. A replica that is down or drained
+is not stuck to: the request goes, by least outstanding requests, to another one, which the conversation
+then keeps. It is the same backend and the same servers: one health check per engine and one `maxconn` bound
+on each engine's requests, named or not. Only requests with a body are buffered for the `user` field (the
+request, never the response).
 
 The runtime API (a stats socket) drains, readies and reads servers: `set server be/r0 state drain`,
 `show stat`.
@@ -27,7 +29,7 @@ from pathlib import Path
 
 from .common import UserError
 
-BACKENDS = ("be", "be_affinity")
+BACKENDS = ("be",)
 SESSION_HEADER = "X-Session-Id"
 
 TEMPLATE = """\
@@ -71,9 +73,9 @@ frontend fe
 
 backend be
     balance leastconn
-{backend_common}
+{affinity_backend}{backend_common}
 {servers}
-{affinity_backend}"""
+"""
 
 BACKEND_COMMON = """\
     option httpchk GET /health
@@ -87,15 +89,12 @@ AFFINITY_FRONTEND = """\
     option http-buffer-request
     acl named var(txn.session) -m found
     http-request set-var(txn.session) req.body,json_query('$.user') if !named {{ req.body_size gt 0 }}
-    use_backend be_affinity if named
 """
 
 AFFINITY_BACKEND = """\
-backend be_affinity
-    balance hash var(txn.session)
-    hash-type consistent
-{backend_common}
-{servers}
+    # a named conversation goes back to the replica that answered it first, while that one is up and not drained
+    stick-table type string len 128 size 1m expire 2h
+    stick on var(txn.session)
 """
 
 
@@ -125,14 +124,17 @@ def render(bind_host: str, bind_port: int, servers: list[tuple[str, str, int]], 
     return TEMPLATE.format(
         socket=socket_path, log_level=log_level, bind=f"{host}:{bind_port}", servers=lines, backend_common=common,
         affinity_frontend=AFFINITY_FRONTEND.format(header=SESSION_HEADER) if affinity else "",
-        affinity_backend=AFFINITY_BACKEND.format(backend_common=common, servers=lines) if affinity else "")
+        affinity_backend=AFFINITY_BACKEND if affinity else "")
 
 
 def check_config(haproxy: str, config: Path) -> None:
     import subprocess
-    r = subprocess.run([haproxy, "-c", "-q", "-f", str(config)], capture_output=True, text=True)
+    # not -q: it hides the alerts too, leaving nothing to say why
+    r = subprocess.run([haproxy, "-c", "-f", str(config)], capture_output=True, text=True)
     if r.returncode != 0:
-        raise UserError(f"haproxy rejected {config}: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+        lines = (r.stderr + r.stdout).splitlines()
+        alert = next((l for l in lines if "[ALERT]" in l), None) or next((l for l in lines if l.strip()), "?")
+        raise UserError(f"haproxy rejected {config}: {alert.split(' : ', 2)[-1].strip()}")
 
 
 class Runtime:

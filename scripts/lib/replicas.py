@@ -91,9 +91,10 @@ def state_dir(pid_file: Path) -> Path:
 
 
 def socket_path(folder: Path) -> Path:
-    """The stats socket: in the state folder unless that path is too long for a unix socket (108 bytes)."""
+    """The stats socket: in the state folder unless that path is too long for HAProxy (it takes at most 97
+    bytes, less than a unix socket's 108: a deep checkout or pytest folder exceeds it)."""
     path = folder.resolve() / "haproxy.sock"
-    if len(str(path)) < 100:
+    if len(str(path).encode()) <= 97:
         return path
     digest = hashlib.sha1(str(path).encode()).hexdigest()[:12]
     return Path(tempfile.gettempdir()) / f"lora-ship-{digest}.sock"

@@ -10,8 +10,8 @@ spec (phase, generation, each replica's pid, port, model, start time, restarts, 
   - an engine that exited (a crash, kill -9) is started again on its port (after 1, 2, 4 ... 30 s when it keeps
     dying); HAProxy's health checks take it out meanwhile and back in when it answers;
   - HAProxy, if it exited, is started again;
-  - on SIGHUP it reads the spec again and rolls the replicas over to it one at a time: drain (runtime API),
-    wait until HAProxy counts no request in flight on it, maint, stop, start with the new command, wait for
+  - on SIGHUP it reads the spec again and rolls the replicas over to it one at a time: maint (runtime API:
+    no new request, not even one stuck to it), wait until HAProxy counts no request in flight on it, stop, start with the new command, wait for
     /health, ready, wait until HAProxy has it UP, next one. The others serve meanwhile.
 SIGTERM or SIGINT stop HAProxy and every engine (each child also gets SIGTERM if this process dies).
 """
@@ -266,10 +266,11 @@ class Supervisor:
         for e, r in zip(self.engines, spec["replicas"]):
             old = {"cmd": e.cmd, "env": e.env, "cpus": e.cpus, "model": e.model, "log": str(e.log)}
             e.status = "draining"
-            self.runtime.set_state(e.name, "drain")
+            # maint, not drain: a drained server still takes the requests stuck to it (affinity); in maint it takes
+            # no new request while those in flight run to their end
+            self.runtime.set_state(e.name, "maint")
             self.event(f"{e.name}: draining ({self.in_flight(e.name)} request(s) in flight)")
             self.wait(f"{e.name}'s requests in flight", lambda: self.in_flight(e.name) == 0, 3600, e)
-            self.runtime.set_state(e.name, "maint")
             e.stop()
             e.configure(r)
             e.start()
