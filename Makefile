@@ -56,6 +56,7 @@ GENERATE_ARGS    ?=
 EVAL_ARGS        ?=
 BENCH_MODEL      ?= default
 BENCH_ADAPTERS   ?=
+BENCH_TENANTS    ?=
 PYTEST_ARGS      ?=
 PIPELINE_JOBS    ?= 3
 
@@ -64,7 +65,7 @@ HELP_VARS := BASE_MODEL BASE_NAME CHECKPOINTS_DIR CHECKPOINT DATASET GUTENBERG_T
   PROMPT OUT VENV PYTHON TORCH_SPEC \
   LLAMA_CPP_COMMIT LLAMA_CPP_REPO LLAMA_CPP_PYTHON LLAMA_CPP_PYTHON_SHA256 LLAMA_BACKEND LLAMAFILE_VERSION LLAMAFILE_SHA256 \
   PIPELINE_JOBS TRAIN_STEPS RECIPE NPROC TRAIN_ARGS RUN_NAME EVAL_EVERY SAVE_EVERY LOAD MODEL GENERATE_ARGS EVAL_ARGS MODELS \
-  COMPARE_ARGS KEEP_MERGED BENCH_MODEL BENCH_ADAPTERS PYTEST_ARGS
+  COMPARE_ARGS KEEP_MERGED BENCH_MODEL BENCH_ADAPTERS BENCH_TENANTS PYTEST_ARGS
 
 # Plain `make` (and `make test`) runs independent stages at once: the llama.cpp build (which needs no Python
 # packages) goes on beside the install and the base model, so the build is most of the wait.
@@ -363,8 +364,8 @@ COMPARE_ARGS ?= --greedy --max-new-tokens 64
 compare: | $(STAMP) ## the same PROMPT through each of MODELS (folders or .gguf, :nf4/:int8 for a load mode): load time, tokens/s, memory
 	$(PY) scripts/compare.py $(MODELS) --prompt "$$PROMPT" -- $(COMPARE_ARGS)
 
-bench-serve: $(GGUF) $(if $(BENCH_ADAPTERS),adapters) | $(LLAMA_BIN)/llama-server $(STAMP) ## served tokens/s, time to first token, errors at 1/8/32 clients vs the engine's own batched numbers (own server on port 8089); REPLICAS=N: the engine alone vs HAProxy with 1 and N replicas at 8/32/128 clients; BENCH_ADAPTERS=1: the merged model vs its adapter served unmerged, alone and among the others
-	$(PY) scripts/bench/serve.py --llama-bin $(LLAMA_BIN) --serve-args "$(ENGINE_ARGS)" --replicas $(REPLICAS) \
+bench-serve: $(GGUF) $(if $(BENCH_ADAPTERS),adapters) | $(LLAMA_BIN)/llama-server $(STAMP) ## served tokens/s, time to first token, errors at 1/8/32 clients vs the engine's own batched numbers (own server on port 8089); REPLICAS=N: the engine alone vs HAProxy with 1 and N replicas at 8/32/128 clients; BENCH_ADAPTERS=1: the merged model vs its adapter served unmerged, alone and among the others; BENCH_TENANTS=1: keys per tenant and the usage log vs one API key (with BENCH_ADAPTERS=1: both serving the adapters)
+	$(PY) scripts/bench/serve.py --llama-bin $(LLAMA_BIN) --serve-args "$(ENGINE_ARGS)" --replicas $(REPLICAS) $(if $(BENCH_TENANTS),--tenants) \
 	  $(if $(BENCH_ADAPTERS),--model $(BASE_GGUF) --adapters $(ADAPTERS_DIR) --merged $(GGUF) \
 	    $(if $(CHECKPOINT),--first $(notdir $(CHECKPOINT))),--model $(GGUF))
 

@@ -192,6 +192,44 @@ def test_each_key_sees_and_uses_only_its_own_models(shared):
     assert {l["model"] for l in refused} >= {"globex-a", "globex-b", "tiny", ""}  # refusals are logged too
 
 
+def test_resumable_streams_are_each_tenants_own(shared):
+    """A stream kept for replay under X-Conversation-Id (upstream's resumable streams) is its tenant's: another
+    tenant's key sending the same id can neither replay, look up, stop nor replace it."""
+    host, keys = shared["host"], shared["keys"]
+    conv = f"conv-{time.time_ns()}"
+
+    def stream(key: str, model: str) -> str:
+        conn = http.client.HTTPConnection(host, timeout=120)
+        try:
+            conn.request("POST", "/v1/chat/completions", json.dumps({"model": model, "stream": True, **CHAT}),
+                         {"Content-Type": "application/json", "Authorization": f"Bearer {key}",
+                          "X-Conversation-Id": conv})
+            r = conn.getresponse()
+            assert r.status == 200
+            return r.read().decode()
+        finally:
+            conn.close()
+
+    def lookup(key: str) -> list:
+        status, out = call(host, "POST", "/v1/streams/lookup", {"conversation_ids": [conv]}, key)
+        assert status == 200, out
+        return out
+
+    told = stream(keys["globex"], "globex-a")
+    assert "[DONE]" in told
+    mine = lookup(keys["globex"])
+    assert [s["conversation_id"] for s in mine] == [conv] and mine[0]["is_done"]  # the id as the client sent it
+    replay = call(host, "GET", f"/v1/stream?conv_id={conv}", key=keys["globex"])
+    assert replay[0] == 200 and replay[1] == told
+    assert lookup(keys["acme"]) == []
+    assert call(host, "GET", f"/v1/stream?conv_id={conv}", key=keys["acme"])[0] == 404
+    call(host, "DELETE", f"/v1/stream?conv_id={conv}", key=keys["acme"])
+    stream(keys["acme"], "acme-a")  # acme's own stream under the same id: a session of its own
+    assert lookup(keys["globex"]) == mine
+    assert call(host, "GET", f"/v1/stream?conv_id={conv}", key=keys["globex"]) == replay
+    assert [s["conversation_id"] for s in lookup(keys["acme"])] == [conv]
+
+
 def metrics(host: str, admin: str) -> dict:
     status, text = call(host, "GET", "/metrics", key=admin)
     assert status == 200
@@ -214,19 +252,23 @@ def usage_lines(path: Path) -> list[dict]:
 
 def test_usage_log_and_metrics_equal_what_the_clients_were_told(shared):
     """Mixed tenants, models, one-shot and streamed requests at once, some streams cut off midway: every request is
-    one line of the log; the complete ones carry the usage their client got; the counters are the lines' sums."""
+    one line of the log; the complete ones carry the usage their client got; the counters are the lines' sums. A
+    client that leaves once it has the last result (before the closing [DONE]) got all of it: 200, not 499."""
     host, keys, admin = shared["host"], shared["keys"], shared["admin"]
     before_lines, before = len(usage_lines(shared["usage"])), metrics(host, admin)
     jobs = [(keys["acme"], "acme", "acme-a", "oneshot"), (keys["acme"], "acme", "acme-b", "stream"),
             (keys["globex"], "globex", "globex-a", "oneshot"), (keys["globex"], "globex", "tiny", "stream"),
             (API_KEY, "default", "acme-a", "stream"), (API_KEY, "default", "tiny", "oneshot"),
             (keys["acme"], "acme", "acme-a", "abort"), (keys["globex"], "globex", "tiny", "abort"),
-            (API_KEY, "default", "globex-a", "abort")] * 2
+            (API_KEY, "default", "globex-a", "abort"), (keys["acme"], "acme", "acme-b", "leave"),
+            (API_KEY, "default", "tiny", "leave")] * 2
     got, errors = [], []
 
     def run(key, tenant, model, kind) -> None:
         try:
-            body = {"model": model, "messages": [{"role": "user", "content": "Tell me a tale"}], "temperature": 1,
+            # a cut-off stream has its own prompt, so that its line is known by its prompt's length
+            content = "Tell me a long tale about a king and his three daughters" if kind == "abort" else "Tell me a tale"
+            body = {"model": model, "messages": [{"role": "user", "content": content}], "temperature": 1,
                     "max_tokens": 16 if kind != "abort" else 4000, "ignore_eos": kind == "abort"}
             if kind == "oneshot":
                 status, out = call(host, "POST", "/v1/chat/completions", body, key)
@@ -244,7 +286,7 @@ def test_usage_log_and_metrics_equal_what_the_clients_were_told(shared):
                     chunk = json.loads(line[6:])
                     chunks += bool(chunk.get("choices"))
                     usage = chunk.get("usage") or usage
-                    if kind == "abort" and chunks == 5:
+                    if kind == "abort" and chunks == 5 or kind == "leave" and usage:
                         break
             conn.sock.close()
             conn.close()
@@ -263,18 +305,28 @@ def test_usage_log_and_metrics_equal_what_the_clients_were_told(shared):
         time.sleep(0.2)
     lines = usage_lines(shared["usage"])[before_lines:]
     assert len(lines) == len(jobs)
-    assert Counter((l["tenant"], l["model"], l["status"]) for l in lines) == Counter(
-        (t, m, 499 if k == "abort" else 200) for t, m, k, _, _ in got)
+    whole_prompts = {u["prompt_tokens"] for _, _, k, u, _ in got if k != "abort"}
+    cut_off = [l for l in lines if l["prompt_tokens"] not in whole_prompts]
+    assert Counter((l["tenant"], l["model"], l["status"]) for l in lines if l not in cut_off) == Counter(
+        (t, m, 200) for t, m, k, _, _ in got if k != "abort")
+    assert Counter((l["tenant"], l["model"]) for l in cut_off) == Counter((t, m) for t, m, k, _, _ in got if k == "abort")
+    # A tiny model can generate its whole answer (up to the slot's context) into the socket's buffers before a
+    # client on a busy machine has read 5 chunks: the server then handed on everything, a whole 200. Most leave first.
+    slot_ctx = 8192 // 4
+    assert all(l["status"] == 499 and 0 < l["completion_tokens"] < slot_ctx - l["prompt_tokens"] - 1 or
+               l["status"] == 200 and l["completion_tokens"] >= slot_ctx - l["prompt_tokens"] - 1 for l in cut_off), \
+        cut_off
+    assert sum(l["status"] == 499 for l in cut_off) >= len(cut_off) // 2, cut_off
     for tenant, model in {(t, m) for t, m, _, _, _ in got}:
         mine = [l for l in lines if (l["tenant"], l["model"]) == (tenant, model)]
+        whole = [l for l in mine if l not in cut_off]
         done = [u for t, m, k, u, _ in got if (t, m) == (tenant, model) and k != "abort"]
-        assert sum(l["completion_tokens"] for l in mine if l["status"] == 200) == sum(u["completion_tokens"] for u in done)
-        assert sum(l["prompt_tokens"] for l in mine if l["status"] == 200) == sum(u["prompt_tokens"] for u in done)
-        assert sum(l["cached_prompt_tokens"] for l in mine if l["status"] == 200) == \
+        assert sum(l["completion_tokens"] for l in whole) == sum(u["completion_tokens"] for u in done)
+        assert sum(l["prompt_tokens"] for l in whole) == sum(u["prompt_tokens"] for u in done)
+        assert sum(l["cached_prompt_tokens"] for l in whole) == \
             sum(u["prompt_tokens_details"]["cached_tokens"] for u in done)
-        cut = [l["completion_tokens"] for l in mine if l["status"] == 499]
+        cut = [l["completion_tokens"] for l in mine if l in cut_off]  # counted, and stopped when the client left
         received = [c for t, m, k, _, c in got if (t, m) == (tenant, model) and k == "abort"]
-        assert all(0 < n < 4000 for n in cut)  # counted, and stopped when the client left
         assert sum(cut) >= sum(received) - len(received)  # at least the tokens sent (the first chunk has none)
         after = metrics(host, admin)
         for field in ("prompt_tokens", "cached_prompt_tokens", "completion_tokens"):
@@ -310,7 +362,6 @@ def test_a_revoked_key_is_refused_at_its_next_request_while_its_requests_in_flig
     text = shared["keys_file"].read_text()
     write_private(shared["keys_file"], "".join(l for l in text.splitlines(True) if "tenant=temp " not in l))
     assert call(host, "GET", "/v1/models", key=keys["temp"])[0] == 401
-    assert not [l for l in usage_lines(shared["usage"]) if l["tenant"] == "temp"]  # its stream was still running
     assert call(host, "GET", "/v1/models", key=keys["acme"])[0] == 200
     last = None
     for line in r:
@@ -318,6 +369,14 @@ def test_a_revoked_key_is_refused_at_its_next_request_while_its_requests_in_flig
             last = json.loads(line[6:])
     conn.close()
     assert last["stop"] and last["tokens_predicted"] == 800  # the request in flight went on to its end
+    # (whether the engine was still generating when the file changed depends on the machine's speed: a tiny
+    # model's 800 tokens can all be in the socket's buffers by then; the key was checked once, at the start)
+    temp = lambda: [(l["status"], l["completion_tokens"]) for l in usage_lines(shared["usage"])  # noqa: E731
+                    if l["tenant"] == "temp"]
+    deadline = time.monotonic() + 10  # written when the response ends, as the connection closes
+    while not temp() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert temp() == [(200, 800)]
 
 
 def test_a_broken_keys_file_keeps_the_last_good_keys_and_names_its_line(shared):
@@ -330,8 +389,11 @@ def test_a_broken_keys_file_keeps_the_last_good_keys_and_names_its_line(shared):
         assert call(host, "GET", "/v1/models", key=keys["acme"])[0] == 200  # the last good keys
         status, out = call(host, "POST", "/keys/reload", {}, admin)
         assert status == 400 and out["error"]["message"].startswith(f"{shared['keys_file']} line {line}: ")
-        log = server_log(shared["tmp"], shared["url"])
-        assert f"keys file {shared['keys_file']} line {line}: expected sha256:<64 hex digits>" in log
+        said = f"keys file {shared['keys_file']} line {line}: expected sha256:<64 hex digits>"
+        deadline = time.monotonic() + 10  # the engine's log is written by a thread of its own
+        while said not in server_log(shared["tmp"], shared["url"]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert said in server_log(shared["tmp"], shared["url"])
         proc = run_script("keys.py", "reload", "--url", shared["url"], "--admin-key-file",
                           shared["tmp"] / f"server-{shared['url'].rsplit(':', 1)[1]}.admin.key", check=False)
         assert proc.returncode == 1 and f"line {line}" in error_line(proc)

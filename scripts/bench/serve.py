@@ -22,6 +22,10 @@ replicas (--replicas N, N > 1; `auto`: one per GPU): one-shot and streaming leve
         replica (its own cost: a share of the engine alone), HAProxy in front of N replicas (the scaling: a
         multiple of the engine alone). No llama-batched-bench there.
 
+tenants (--tenants): what keys per tenant cost: two servers at once, measured in turn at each level (--rounds;
+        the median round): one API key, against a keys file (the same key, scoped by names and a glob) and a
+        usage log (one JSON line a request); /metrics counts on both. With --adapters both serve them and client c
+        asks adapter c mod N. Printed as the tenants' share of the one-key rate.
 adapters (--adapters DIR --merged GGUF, --model being the base): one-shot levels on three servers in turn: the
         merged model of the first adapter; the base with every adapter in DIR, all clients asking the first
         one; the same server with client c asking adapter c mod N (N adapters in each batch). Each is printed
@@ -230,6 +234,8 @@ def main() -> None:
                    "the balancer (see above)")
     p.add_argument("--rounds", type=int, default=1, help="with --replicas: each level this many times on each "
                    "set-up in turn; each cell the median round")
+    p.add_argument("--tenants", action="store_true", help="keys per tenant and the usage log against one API key "
+                   "(with --adapters: both serve them, client c asking adapter c mod N)")
     p.add_argument("--first", default=None, help="with --adapters: the adapter --merged holds (default: the first by name)")
     args = p.parse_args()
     args.api_key = os.environ.get("API_KEY") or None  # serve.py gives the server the same key
@@ -243,6 +249,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     if replicas > 1:
         return bench_replicas(args, clients, work, replicas)
+    if args.tenants:
+        return bench_tenants(args, clients, work)
     if args.adapters:
         return bench_adapters(args, clients, work)
     levels, cmd = served_levels(args, clients, work, args.model, None,
@@ -295,28 +303,26 @@ def served_levels(args, clients: list[int], work: Path, model: Path, adapters: P
     return out, cmd
 
 
-def bench_replicas(args, clients: list[int], work: Path, n: int) -> None:
-    """The engine alone, HAProxy with one replica, HAProxy with n replicas (see the docstring). The three run at
-    once (idle engines cost nothing) on ports --port, +1, +2, and each level is measured on the three in turn,
-    --rounds times, so that the noise of a busy machine falls on all three alike; each cell is the median round."""
-    setups = {"alone": "--replicas 1 --balancer none", "haproxy-1": "--replicas 1 --balancer haproxy",
-              f"haproxy-{n}": f"--replicas {n} --balancer haproxy"}
-    modes = {"one-shot": False, "streaming": True}
+def interleaved(args, clients: list[int], work: Path, setups: dict[str, str], modes: dict[str, bool],
+                adapters: Path | None = None, models: list[str] | None = None) -> dict:
+    """Each setup (name -> more serve.py flags) started at once (idle engines cost nothing) on ports --port, +1,
+    ...; each level measured on every setup in turn, --rounds times, so that the noise of a busy machine falls on
+    all alike. {(setup, mode, clients): [drive()'s numbers per round]}."""
     urls, rounds = {}, {}
     try:
         for i, (name, extra) in enumerate(setups.items()):
             (work / name).mkdir(parents=True, exist_ok=True)
             one = argparse.Namespace(**{**vars(args), "port": args.port + i,
                                         "serve_args": f"{args.serve_args} {extra}"})
-            urls[name], cmd = start_server(one, work / name)
+            urls[name], cmd = start_server(one, work / name, adapters=adapters)
             log(f"{name} on {urls[name]}: serve.py {one.serve_args.strip()}; engine: {' '.join(cmd[1:])}")
         for name, url in urls.items():  # not counted: a fresh server's first steps
-            drive(url, max(clients), args, stream=False, requests=1, first_id=500000)
+            drive(url, max(clients), args, stream=False, requests=1, first_id=500000, models=models)
         for mode, stream in modes.items():
             for c in clients:
                 for k in range(args.rounds):
                     for name, url in urls.items():
-                        r = drive(url, c, args, stream=stream)
+                        r = drive(url, c, args, stream=stream, models=models)
                         rounds.setdefault((name, mode, c), []).append(r)
                         log(f"{mode}, {c:>3} clients, round {k + 1}, {name}: {r['aggregate']:.1f} tokens/s, "
                             f"{r['failed']} failed")
@@ -324,7 +330,20 @@ def bench_replicas(args, clients: list[int], work: Path, n: int) -> None:
         for name in setups:
             subprocess.run([sys.executable, str(ROOT / "scripts" / "serve.py"), "stop", "--pid-file",
                             str(work / name / "server.pid")], capture_output=True)
-    served = {key: sorted(rs, key=lambda r: r["aggregate"])[len(rs) // 2] for key, rs in rounds.items()}
+    return rounds
+
+
+def median_rounds(rounds: dict) -> dict:
+    return {key: sorted(rs, key=lambda r: r["aggregate"])[len(rs) // 2] for key, rs in rounds.items()}
+
+
+def bench_replicas(args, clients: list[int], work: Path, n: int) -> None:
+    """The engine alone, HAProxy with one replica, HAProxy with n replicas (see the docstring), interleaved."""
+    setups = {"alone": "--replicas 1 --balancer none", "haproxy-1": "--replicas 1 --balancer haproxy",
+              f"haproxy-{n}": f"--replicas {n} --balancer haproxy"}
+    modes = {"one-shot": False, "streaming": True}
+    rounds = interleaved(args, clients, work, setups, modes)
+    served = median_rounds(rounds)
     print(f"\n{args.model.name}: {args.prompt_tokens}-token prompts, {args.max_tokens} generated tokens each, "
           f"{args.requests} request(s) per client, median of {args.rounds} round(s); serve.py flags: "
           f"{args.serve_args.strip() or '(defaults)'}\n")
@@ -341,6 +360,49 @@ def bench_replicas(args, clients: list[int], work: Path, n: int) -> None:
                   f"{sum(r['failed'] for name in setups for r in rounds[name, mode, c])} |")
     (work / "results-replicas.json").write_text(json.dumps(
         {"replicas": n, "rounds": {f"{s}@{m}@{c}": rs for (s, m, c), rs in rounds.items()}}, indent=2) + "\n")
+    failed = sum(r["failed"] for rs in rounds.values() for r in rs)
+    if failed:
+        raise UserError(f"{failed} request(s) failed")
+
+
+def bench_tenants(args, clients: list[int], work: Path) -> None:
+    """What keys per tenant, the usage log and the per-tenant metrics cost (see the docstring): one plain API key
+    against a keys file (the same key, scoped to the models by name and a glob) and a usage log, interleaved."""
+    from lib.keys import hash_key
+    args.api_key = args.api_key or f"bench-{os.getpid()}-{time.time_ns()}"
+    names = sorted(f.stem for f in args.adapters.glob("*.gguf")) if args.adapters else []
+    if args.adapters and not names:
+        raise UserError(f"no adapter files (*.gguf) in {args.adapters} (run 'make adapters')")
+    keys_file, usage = work / "keys.txt", work / "usage.jsonl"
+    # scoped as a customer's key is: by name and by a glob that matches nothing here (every pattern is tried)
+    alias = flag(shlex.split(args.serve_args), ("--alias",), "lora-ship")  # the base's name (serve.py's default)
+    patterns = ",".join([*names, alias, "not-this-one-*"])
+    keys_file.write_text(f"{hash_key('someone-else')} tenant=other models=other-*\n"
+                         f"{hash_key(args.api_key)} tenant=bench models={patterns}\n")
+    keys_file.chmod(0o600)
+    usage.unlink(missing_ok=True)
+    setups = {"one API key": f"--api-key {args.api_key}",
+              "tenants + usage": f"--keys-file {keys_file} --usage-log {usage}"}
+    modes = {"one-shot": False, "streaming": True}
+    rounds = interleaved(args, clients, work, setups, modes, adapters=args.adapters, models=names or None)
+    served = median_rounds(rounds)
+    logged = sum(1 for _ in usage.open()) if usage.exists() else 0
+    print(f"\n{args.model.name}{f' + {len(names)} adapters (client c asks adapter c mod {len(names)})' if names else ''}:"
+          f" {args.prompt_tokens}-token prompts, {args.max_tokens} generated tokens each, {args.requests} request(s) "
+          f"per client, median of {args.rounds} round(s); serve.py flags: {args.serve_args.strip() or '(defaults)'}\n")
+    print("| clients | mode | one API key tok/s | keys file + usage log tok/s (share) | TTFT p50 one key / tenants s "
+          "| failed |")
+    print("|---|---|---|---|---|---|")
+    for mode in modes:
+        for c in clients:
+            off, on = (served[name, mode, c] for name in setups)
+            ttft = " / ".join(f"{r['ttft_p50']:.3f}" if r["ttft_p50"] is not None else "-" for r in (off, on))
+            print(f"| {c} | {mode} | {off['aggregate']:.1f} | {on['aggregate']:.1f} "
+                  f"({on['aggregate'] / off['aggregate']:.1%}) | {ttft} | "
+                  f"{sum(r['failed'] for name in setups for r in rounds[name, mode, c])} |")
+    print(f"\nusage log: {logged} line(s) for the tenants' server")
+    (work / "results-tenants.json").write_text(json.dumps(
+        {"rounds": {f"{s}@{m}@{c}": rs for (s, m, c), rs in rounds.items()}}, indent=2) + "\n")
     failed = sum(r["failed"] for rs in rounds.values() for r in rs)
     if failed:
         raise UserError(f"{failed} request(s) failed")
