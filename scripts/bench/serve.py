@@ -304,17 +304,20 @@ def served_levels(args, clients: list[int], work: Path, model: Path, adapters: P
 
 
 def interleaved(args, clients: list[int], work: Path, setups: dict[str, str], modes: dict[str, bool],
-                adapters: Path | None = None, models: list[str] | None = None) -> dict:
+                adapters: Path | None = None, models: list[str] | None = None, same_slots: bool = False) -> dict:
     """Each setup (name -> more serve.py flags) started at once (idle engines cost nothing) on ports --port, +1,
     ...; each level measured on every setup in turn, --rounds times, so that the noise of a busy machine falls on
-    all alike. {(setup, mode, clients): [drive()'s numbers per round]}."""
-    urls, rounds = {}, {}
+    all alike. {(setup, mode, clients): [drive()'s numbers per round]}. same_slots: the later setups get the
+    first one's slots and context (serve.py sizes them to the memory left, which the first one has taken)."""
+    urls, rounds, pinned = {}, {}, ""
     try:
         for i, (name, extra) in enumerate(setups.items()):
             (work / name).mkdir(parents=True, exist_ok=True)
             one = argparse.Namespace(**{**vars(args), "port": args.port + i,
-                                        "serve_args": f"{args.serve_args} {extra}"})
+                                        "serve_args": f"{args.serve_args} {pinned} {extra}"})
             urls[name], cmd = start_server(one, work / name, adapters=adapters)
+            if same_slots and not pinned:
+                pinned = f"--parallel {flag(cmd, ('-np',), 'auto')} --ctx-size {flag(cmd, ('-c',), 'auto')}"
             log(f"{name} on {urls[name]}: serve.py {one.serve_args.strip()}; engine: {' '.join(cmd[1:])}")
         for name, url in urls.items():  # not counted: a fresh server's first steps
             drive(url, max(clients), args, stream=False, requests=1, first_id=500000, models=models)
@@ -384,7 +387,8 @@ def bench_tenants(args, clients: list[int], work: Path) -> None:
     setups = {"one API key": f"--api-key {args.api_key}",
               "tenants + usage": f"--keys-file {keys_file} --usage-log {usage}"}
     modes = {"one-shot": False, "streaming": True}
-    rounds = interleaved(args, clients, work, setups, modes, adapters=args.adapters, models=names or None)
+    rounds = interleaved(args, clients, work, setups, modes, adapters=args.adapters, models=names or None,
+                         same_slots=True)
     served = median_rounds(rounds)
     logged = sum(1 for _ in usage.open()) if usage.exists() else 0
     print(f"\n{args.model.name}{f' + {len(names)} adapters (client c asks adapter c mod {len(names)})' if names else ''}:"
