@@ -384,8 +384,8 @@ def bench_tenants(args, clients: list[int], work: Path) -> None:
                          f"{hash_key(args.api_key)} tenant=bench models={patterns}\n")
     keys_file.chmod(0o600)
     usage.unlink(missing_ok=True)
-    setups = {"one API key": f"--api-key {args.api_key}",
-              "tenants + usage": f"--keys-file {keys_file} --usage-log {usage}"}
+    setups = {"one-key": f"--api-key {args.api_key}",  # (folder names under --workdir)
+              "tenants": f"--keys-file {shlex.quote(str(keys_file))} --usage-log {shlex.quote(str(usage))}"}
     modes = {"one-shot": False, "streaming": True}
     rounds = interleaved(args, clients, work, setups, modes, adapters=args.adapters, models=names or None,
                          same_slots=True)
