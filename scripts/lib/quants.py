@@ -14,12 +14,14 @@ QUANTIZE_TYPES = {  # llama-quantize types, with approximate bytes per weight fo
     "Q6_K": 0.82, "IQ4_NL": 0.57, "IQ4_XS": 0.54, "TQ1_0": 0.21, "TQ2_0": 0.26}
 
 
-def via_16bit(write_16bit, key: str, out: Path, quantize: Path, logpath: Path) -> None:
-    """llama-quantize types: write_16bit(path) makes an f16 GGUF beside `out`, quantized into `out`, then deleted."""
+def via_16bit(write_16bit, key: str, out: Path, quantize: Path, logpath: Path, imatrix=None) -> None:
+    """llama-quantize types: write_16bit(path) makes an f16 GGUF beside `out`, quantized into `out`, then deleted.
+    imatrix (lib/imatrix.Imatrix, or None): gives the importance matrix of that f16 GGUF for --imatrix."""
     mid = out.with_name(out.name + ".f16")
     try:
         write_16bit(mid)
-        run_tool([quantize, mid, out, key, os.cpu_count() or 1], "llama-quantize", logpath)
+        extra = ["--imatrix", imatrix(mid)] if imatrix is not None else []
+        run_tool([quantize, *extra, mid, out, key, os.cpu_count() or 1], "llama-quantize", logpath)
     finally:
         mid.unlink(missing_ok=True)
 
