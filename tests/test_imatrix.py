@@ -75,6 +75,8 @@ def test_imatrix_off_and_errors(k_quant_model, tmp_path):
     metadata, _ = read_gguf(tmp_path / "off.gguf")
     assert metadata["general.file_type"] == 15 and not any(k.startswith("quantize.imatrix") for k in metadata)
 
+    proc = quantize(tmp, tmp_path / "x.gguf", "--imatrix", "off", "--quant", "Q4_K_M+", check=False)
+    assert proc.returncode == 1 and "QUANT=Q4_K_M+ plans the tensors" in error_line(proc)
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
     proc = quantize(tmp, tmp_path / "x.gguf", "--calibration", empty, check=False)
@@ -91,3 +93,54 @@ def test_imatrix_off_and_errors(k_quant_model, tmp_path):
     assert proc.returncode == 1 and "llama-imatrix not found" in error_line(proc) and "IMATRIX=off" in error_line(proc)
     assert not list(tmp_path.glob("x.gguf*"))
 
+
+
+def test_plan_spends_the_budget_where_error_per_byte_is_highest():
+    from lib.quant_plan import choose, hull
+    # (type, bytes, error): "b" dominated (more bytes, more error than "a"), "c" off the hull (above a-d)
+    assert [o[0] for o in hull([("a", 10, 100.0), ("b", 12, 120.0), ("c", 15, 80.0), ("d", 20, 10.0)])] == ["a", "d"]
+    table = {"big_gain": {"q4": ("q4_k", 100, 50.0), "q6": ("q6_k", 150, 10.0)},
+             "small_gain": {"q4": ("q4_k", 100, 50.0), "q6": ("q6_k", 150, 40.0)},
+             "dear": {"q4": ("q4_k", 1000, 500.0), "q6": ("q6_k", 1500, 0.0)}}
+    assert choose(table, 1200) == {"big_gain": "q4_k", "small_gain": "q4_k", "dear": "q4_k"}
+    # 1 error per byte (dear) first, then 0.8 (big_gain), 0.2 (small_gain), each where it still fits
+    assert choose(table, 1740) == {"big_gain": "q4_k", "small_gain": "q4_k", "dear": "q6_k"}
+    assert choose(table, 1750) == {"big_gain": "q6_k", "small_gain": "q4_k", "dear": "q6_k"}
+    assert choose(table, 1300) == {"big_gain": "q6_k", "small_gain": "q6_k", "dear": "q4_k"}
+    with pytest.raises(Exception, match="do not fit"):
+        choose(table, 1000)
+
+
+def held_out_kl(tmp, f16, quantized: list) -> list[float]:
+    """Mean KL of each GGUF to the f16 one over held-out tales (llama-perplexity, chunks of 128 tokens)."""
+    import subprocess
+    from eval_quality import held_out_text, parse_perplexity
+    text = tmp / "held_out.txt"
+    text.write_text(held_out_text(GRIMM)[:20000])
+    bin_dir = LLAMA_CPP / "build" / "bin"
+    common = ["-f", str(text), "--ctx-size", "128", "--batch-size", "128", "--chunks", "16",
+              "--kl-divergence-base", str(tmp / "f16.kld")]
+    subprocess.run([bin_dir / "llama-perplexity", "-m", f16, *common], check=True, capture_output=True)
+    return [parse_perplexity(subprocess.run([bin_dir / "llama-perplexity", "-m", q, *common, "--kl-divergence"],
+                                            check=True, capture_output=True, text=True).stdout)["kl"]
+            for q in quantized]
+
+
+@needs_llama_cpp
+def test_plan_keeps_the_size_and_beats_the_plain_type(k_quant_model, tmp_path):
+    tmp = k_quant_model
+    quantize(tmp, tmp_path / "plain.gguf")  # the same importance matrix for both (cached)
+    quantize(tmp, tmp_path / "plan.gguf", "--quant", "Q4_K_M+")
+    metadata, tensors = read_gguf(tmp_path / "plan.gguf")
+    plan = json.loads(metadata["lora_ship.quant_plan"])
+    assert plan["base"] == "Q4_K_M" and plan["bytes"] <= plan["budget"]
+    assert {n: t.tensor_type.name.lower() for n, t in tensors.items() if n in plan["types"]} == plan["types"]
+    assert len(set(plan["types"].values())) > 1  # a mix, not one type
+    assert "quantize.imatrix.file" in metadata
+    size, plain_size = (tmp_path / "plan.gguf").stat().st_size, (tmp_path / "plain.gguf").stat().st_size
+    assert abs(size / plain_size - 1) < 0.03
+    run_script("merge_gguf.py", "--base", tmp / "base", "--checkpoints-dir", tmp / "ckpts", "--out",
+               tmp_path / "f16.gguf", "--quant", "f16")
+    plain_kl, plan_kl = held_out_kl(tmp_path, tmp_path / "f16.gguf", [tmp_path / "plain.gguf", tmp_path / "plan.gguf"])
+    print(f"held-out KL: plain Q4_K_M {plain_kl:.5f}, plan {plan_kl:.5f}")
+    assert plan_kl < plain_kl

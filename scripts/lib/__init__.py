@@ -8,6 +8,7 @@ lora_math    PEFT's merge arithmetic: LoRA deltas, DoRA, replaced rows
 merge        the merged model one tensor at a time (MergedSource), what both writers read from
 quants       the GGUF types QUANT can name
 imatrix      importance matrices for llama-quantize: the calibration text, llama-imatrix, its cache
+quant_plan   per-tensor quantization plans (QUANT=Q4_K_M+): each tensor's error per type, a byte budget spent greedily
 loading      loading a model to generate or score with (Transformers + BitsAndBytes, llama-cpp-python)
 tales        the Grimm tales dataset: reading and the held-out split
 keys         a shared server's keys: the keys file's format, key hashes, new keys, the admin key file

@@ -146,6 +146,8 @@ class Imatrix:
 
     @classmethod
     def from_args(cls, args, key: str, checkpoint: Path | None, logpath: Path) -> "Imatrix | None":
+        if args.imatrix == "off" and key.endswith("+"):
+            raise UserError(f"QUANT={key} plans the tensors by their importance-weighted error: it needs IMATRIX on")
         if args.imatrix == "off" or not wants_imatrix(key):
             return None
         imatrix_bin = args.llama_cpp / "build" / "bin" / "llama-imatrix"

@@ -1,0 +1,194 @@
+"""Per-tensor quantization plans (QUANT=Q4_K_M+): the bytes of a k-quant mix spent where they cost the least.
+
+llama.cpp's Q4_K_M gives most tensors Q4_K and a fixed set (attn_v, half of ffn_down, output) Q6_K, whatever
+the model. A plan instead measures, for every weight matrix and every candidate type (q3_k, q4_k, q5_k, q6_k,
+q8_0, or llama-quantize's fallback where the rows do not fit the type's blocks), the error the type makes where
+it matters: the importance-weighted squared error sum_j imatrix_j * sum_i (W_ij - Q_ij)^2, which is the expected
+squared error of the tensor's output E||(W - Q) x||^2 over the calibration activations x (imatrix_j = E[x_j^2]).
+The quantized values are llama-quantize's own (one --pure run per candidate type, with the same importance
+matrix), read back with gguf-py, on an even sample of rows (blocks never span rows, so the sample is unbiased).
+Then, from every tensor at its cheapest type, the upgrades that remove the most error per byte are taken
+greedily (on each tensor's lower convex hull of bytes against error) while the file stays within the size of
+the plain type (Q4_K_M's own file, made the same way), and llama-quantize writes the plan (--tensor-type-file).
+The plan goes into the GGUF as lora_ship.quant_plan (JSON) and into the log.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from lib.common import UserError, log, run_tool
+
+CANDIDATES = {"q3_k": "Q3_K_S", "q4_k": "Q4_K_S", "q5_k": "Q5_K_S", "q6_k": "Q6_K", "q8_0": "Q8_0"}  # --pure ftypes
+SAMPLE_ROWS = 256  # rows of each tensor whose error is measured
+PLAN_KEY = "lora_ship.quant_plan"
+
+
+def plan_base(key: str) -> str | None:
+    """'Q4_K_M' for 'Q4_K_M+' (a plan at that type's size), None for a plain type."""
+    return key[:-1] if key.endswith("+") else None
+
+
+def quantize(quantize_bin: Path, src: Path, dst: Path, ftype: str, imatrix: Path, logpath: Path, *extra) -> None:
+    run_tool([quantize_bin, "--imatrix", imatrix, *extra, src, dst, ftype, os.cpu_count() or 1], "llama-quantize",
+             logpath)
+
+
+def importance(imatrix: Path) -> dict[str, np.ndarray]:
+    """Mean squared input activation of each column, by weight name, from llama-imatrix's GGUF."""
+    from gguf import GGUFReader
+    tensors = {t.name: np.asarray(t.data, dtype=np.float64) for t in GGUFReader(imatrix).tensors}
+    out = {}
+    for name, sums in tensors.items():
+        if name.endswith(".in_sum2") and (counts := tensors.get(name[:-len(".in_sum2")] + ".counts")) is not None:
+            out[name[:-len(".in_sum2")]] = (sums.reshape(-1) / max(float(counts.reshape(-1)[0]), 1.0))
+    return out
+
+
+def rows_of(tensor, rows: np.ndarray) -> np.ndarray:
+    """Those rows of a GGUF tensor, as float32 (n_rows, n_cols)."""
+    from gguf.quants import dequantize
+    data = np.asarray(tensor.data)
+    data = data.reshape(-1, data.shape[-1])[rows]
+    return dequantize(data, tensor.tensor_type).astype(np.float32).reshape(len(rows), -1)
+
+
+def measure(f16: Path, pure: dict[str, Path], imatrix: Path) -> dict[str, dict[str, tuple[str, int, float]]]:
+    """{tensor: {candidate: (actual ggml type, bytes, weighted squared error)}} for every quantized tensor."""
+    from gguf import GGUFReader
+    weights = importance(imatrix)
+    ref = {t.name: t for t in GGUFReader(f16).tensors}
+    readers = {c: {t.name: t for t in GGUFReader(p).tensors} for c, p in pure.items()}
+    table = {}
+    for name, t in ref.items():
+        quantized = {c: r[name] for c, r in readers.items() if r[name].tensor_type.name not in ("F32", "F16", "BF16")}
+        if len(t.shape) != 2 or not quantized:
+            continue
+        n_rows = int(np.prod(t.shape[1:]))
+        rows = np.unique(np.linspace(0, n_rows - 1, min(SAMPLE_ROWS, n_rows)).astype(np.int64))
+        w = rows_of(t, rows)
+        col_weight = weights.get(name)
+        if col_weight is None or col_weight.shape[0] != w.shape[1]:  # token_embd: a lookup, no activations
+            col_weight = np.ones(w.shape[1])
+        scale = n_rows / len(rows)
+        table[name] = {c: (q.tensor_type.name.lower(), int(q.n_bytes),
+                           float(((w - rows_of(q, rows)) ** 2).sum(axis=0) @ col_weight) * scale)
+                       for c, q in quantized.items()}
+    return table
+
+
+def hull(options: list[tuple[str, int, float]]) -> list[tuple[str, int, float]]:
+    """The lower convex hull of (bytes, error), cheapest first: the types worth their bytes, in order."""
+    pts = []
+    for o in sorted(set(options), key=lambda o: (o[1], o[2])):
+        if pts and o[2] >= pts[-1][2]:  # more bytes, no less error
+            continue
+        while len(pts) >= 2 and (pts[-1][2] - o[2]) * (pts[-1][1] - pts[-2][1]) >= \
+                (pts[-2][2] - pts[-1][2]) * (o[1] - pts[-1][1]):
+            pts.pop()
+        pts.append(o)
+    return pts
+
+
+def choose(table: dict, budget: int) -> dict[str, str]:
+    """{tensor: ggml type} with the sum of bytes within budget and the most error removed per byte."""
+    hulls = {name: hull(list(opts.values())) for name, opts in table.items()}
+    at = {name: 0 for name in hulls}
+    total = sum(h[0][1] for h in hulls.values())
+    if total > budget:
+        raise UserError(f"the tensors do not fit {budget} bytes even at their smallest candidate types")
+    steps = []  # every hull segment by its error removed per byte; a tensor's own segments come in hull order
+    for name, h in hulls.items():
+        for i in range(1, len(h)):
+            steps.append(((h[i - 1][2] - h[i][2]) / (h[i][1] - h[i - 1][1]), name, i))
+    for _, name, i in sorted(steps, key=lambda s: -s[0]):
+        h = hulls[name]
+        if at[name] != i - 1:
+            continue  # an earlier segment of this tensor did not fit
+        extra = h[i][1] - h[i - 1][1]
+        if total + extra <= budget:
+            at[name], total = i, total + extra
+    return {name: hulls[name][i][0] for name, i in at.items()}
+
+
+def tensor_bytes(path: Path) -> dict[str, int]:
+    from gguf import GGUFReader
+    return {t.name: int(t.n_bytes) for t in GGUFReader(path).tensors}
+
+
+def make_plan(f16: Path, imatrix: Path, base: str, quantize_bin: Path, work: Path, logpath: Path) -> dict:
+    """The plan for `base`'s size: {"base", "bytes", "budget", "types": {tensor: type}}; plain base file kept in work."""
+    work.mkdir(parents=True, exist_ok=True)
+    plain = work / f"plain.{base}.gguf"
+    quantize(quantize_bin, f16, plain, base, imatrix, logpath)
+    pure = {}
+    for cand, ftype in CANDIDATES.items():
+        pure[cand] = work / f"pure.{cand}.gguf"
+        quantize(quantize_bin, f16, pure[cand], ftype, imatrix, logpath, "--pure")
+    table = measure(f16, pure, imatrix)
+    plain_bytes = tensor_bytes(plain)
+    budget = sum(plain_bytes[n] for n in table)  # the planned tensors' bytes in the plain type
+    types = choose(table, budget)
+    planned = sum(table[n][next(c for c, o in table[n].items() if o[0] == t)][1] for n, t in types.items())
+    errors = {"plan": sum(next(o[2] for o in table[n].values() if o[0] == t) for n, t in types.items())}
+    log(f"plan for {base}'s size: {planned / 2**20:.1f} MiB of weight matrices for a budget of "
+        f"{budget / 2**20:.1f} MiB; types: {summary(types)}")
+    for p in pure.values():
+        p.unlink(missing_ok=True)
+    return {"base": base, "bytes": planned, "budget": budget, "error": errors["plan"], "types": types}
+
+
+def summary(types: dict[str, str]) -> str:
+    counts: dict[str, int] = {}
+    for t in types.values():
+        counts[t] = counts.get(t, 0) + 1
+    return ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))
+
+
+def write_type_file(plan: dict, path: Path) -> None:
+    path.write_text("".join(f"^{name.replace('.', chr(92) + '.')}$={t}\n" for name, t in plan["types"].items()))
+
+
+def add_plan_metadata(src: Path, dst: Path, plan: dict) -> None:
+    """dst: src with the plan as the string key lora_ship.quant_plan (gguf-py copies the tensors as they are)."""
+    import gguf
+    reader = gguf.GGUFReader(src)
+    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    writer = gguf.GGUFWriter(dst, arch=arch, endianess=reader.endianess)
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue
+        val_type = field.types[0]
+        sub_type = field.types[-1] if val_type == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), val_type, sub_type=sub_type)
+    writer.add_string(PLAN_KEY, json.dumps({k: plan[k] for k in ("base", "bytes", "budget", "types")},
+                                           separators=(",", ":")))
+    for t in reader.tensors:
+        writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in reader.tensors:
+        writer.write_tensor_data(t.data)
+    writer.close()
+
+
+def quantize_with_plan(f16: Path, out: Path, key: str, imatrix: Path, quantize_bin: Path, logpath: Path) -> dict:
+    """Quantize f16 into out by the plan for plan_base(key)'s size; return the plan."""
+    base = plan_base(key)
+    work = out.with_name(out.name + ".plan")
+    try:
+        plan = make_plan(f16, imatrix, base, quantize_bin, work, logpath)
+        type_file = work / "tensor-types.txt"
+        write_type_file(plan, type_file)
+        mid = work / "planned.gguf"
+        quantize(quantize_bin, f16, mid, base, imatrix, logpath, "--tensor-type-file", type_file)
+        add_plan_metadata(mid, out, plan)
+        log(f"plan written to {out.name} ({PLAN_KEY})")
+    finally:
+        import shutil
+        shutil.rmtree(work, ignore_errors=True)
+    return plan
