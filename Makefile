@@ -14,6 +14,8 @@ GUTENBERG_TXT    ?= https://www.gutenberg.org/cache/epub/2591/pg2591.txt
 QUANT            ?= q8_0
 IMATRIX          ?= auto
 CALIBRATION      ?=
+MAX_KL           ?= 0.01
+MAX_SIZE         ?=
 MERGE_METHOD     ?= streaming
 KEEP_MERGED      ?=
 HOST             ?= 127.0.0.1
@@ -62,7 +64,7 @@ BENCH_TENANTS    ?=
 PYTEST_ARGS      ?=
 PIPELINE_JOBS    ?= 3
 
-HELP_VARS := BASE_MODEL BASE_NAME CHECKPOINTS_DIR CHECKPOINT DATASET GUTENBERG_TXT QUANT IMATRIX CALIBRATION MERGE_METHOD HOST PORT API_KEY ADMIN_KEY KEYS_FILE TENANT \
+HELP_VARS := BASE_MODEL BASE_NAME CHECKPOINTS_DIR CHECKPOINT DATASET GUTENBERG_TXT QUANT IMATRIX CALIBRATION MAX_KL MAX_SIZE MERGE_METHOD HOST PORT API_KEY ADMIN_KEY KEYS_FILE TENANT \
   ALLOW_NO_KEY OPEN ENGINE GPU_LAYERS CTX_SIZE PARALLEL MAX_TOKENS BACKEND_SAMPLING CACHE_RAM SERVER_ARGS REPLICAS REMOTE_REPLICAS BALANCER \
   PROMPT OUT VENV PYTHON TORCH_SPEC \
   LLAMA_CPP_COMMIT LLAMA_CPP_REPO LLAMA_CPP_PYTHON LLAMA_CPP_PYTHON_SHA256 LLAMA_BACKEND LLAMAFILE_VERSION LLAMAFILE_SHA256 \
@@ -260,10 +262,13 @@ MERGE_ARGS = --base $(BASE_DIR) --checkpoints-dir $(CHECKPOINTS_DIR) $(if $(CHEC
 # k-quant and IQ types: an importance matrix over the calibration text (lib/imatrix.py), cached in $(OUT)/imatrix;
 # DATASET calibrates where it was given (else the checkpoint's recorded training data, else a general text)
 DATASET_GIVEN := $(filter command line environment override,$(origin DATASET))
+# QUANT=auto: the smallest candidate within MAX_KL on held-out text (or the closest within MAX_SIZE)
 IMATRIX_ARGS = --imatrix $(IMATRIX) $(if $(CALIBRATION),--calibration "$(CALIBRATION)") \
-  $(if $(DATASET_GIVEN),--dataset "$(DATASET)") --imatrix-cache $(OUT)/imatrix
+  $(if $(DATASET_GIVEN),--dataset "$(DATASET)") --imatrix-cache $(OUT)/imatrix \
+  $(if $(filter auto,$(QUANT)),--max-kl $(MAX_KL) $(if $(MAX_SIZE),--max-size $(MAX_SIZE)))
 ifeq ($(filter $(CONVERTER_QUANTS),$(QUANT)),)
-  MERGE_INPUTS += imatrix=$(IMATRIX) $(CALIBRATION) $(if $(DATASET_GIVEN),$(DATASET))
+  MERGE_INPUTS += imatrix=$(IMATRIX) $(CALIBRATION) $(if $(DATASET_GIVEN),$(DATASET)) \
+    $(if $(filter auto,$(QUANT)),$(MAX_KL) $(MAX_SIZE))
 endif
 
 $(MERGED)/config.json: $(BASE_DIR)/config.json $(CHECKPOINT_FILES) $(OUT)/.merge-inputs | $(STAMP) check
@@ -288,7 +293,7 @@ $(GGUF): $(BASE_DIR)/config.json $(CHECKPOINT_FILES) $(CALIBRATION) $(OUT)/.merg
 endif
 run-merge-models: merge ## alias of merge (seed name)
 
-quantize: $(GGUF) ## the GGUF of the merged model (QUANT: q8_0, f16, bf16, Q4_K_M, ...; k-quant/IQ types with an importance matrix over the fine-tune's data, IMATRIX=off: none)
+quantize: $(GGUF) ## the GGUF of the merged model (QUANT: q8_0, f16, bf16, Q4_K_M, ...; k-quant/IQ types with an importance matrix over the fine-tune's data, IMATRIX=off: none; Q4_K_M+: per-tensor plan; auto: smallest within MAX_KL)
 run-quantize-llama-model: quantize ## alias of quantize (seed name)
 
 # ---- serving ----

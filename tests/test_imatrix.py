@@ -1,6 +1,7 @@
 """Importance matrices (lib/imatrix.py): the calibration text chosen, computed once per model and text, and used
 by llama-quantize (the GGUF's quantize.imatrix.* keys); never the held-out tales."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,27 @@ def test_plan_keeps_the_size_and_beats_the_plain_type(k_quant_model, tmp_path):
     plain_kl, plan_kl = held_out_kl(tmp_path, tmp_path / "f16.gguf", [tmp_path / "plain.gguf", tmp_path / "plan.gguf"])
     print(f"held-out KL: plain Q4_K_M {plain_kl:.5f}, plan {plan_kl:.5f}")
     assert plan_kl < plain_kl
+
+
+def auto_table(stdout: str) -> dict[str, float]:
+    return {m[0]: float(m[1]) for m in re.findall(r"^\| (\S+) \| [^|]+ \| ([\d.]+) \|", stdout, re.M)}
+
+
+@needs_llama_cpp
+def test_auto_keeps_the_smallest_within_the_held_out_kl(k_quant_model, tmp_path):
+    tmp = k_quant_model
+    candidates = ("--candidates", "Q3_K_S,Q4_K_M,Q4_K_M+,Q8_0")
+    proc = quantize(tmp, tmp_path / "none.gguf", "--quant", "auto", "--max-kl", "1e-9", *candidates, check=False)
+    assert proc.returncode == 1 and "no candidate is within MAX_KL=1e-09" in error_line(proc)
+    kl = auto_table(proc.stdout)  # every candidate tried, none kept
+    assert list(kl) == ["Q3_K_S", "Q4_K_M", "Q4_K_M+", "q8_0"] and not (tmp_path / "none.gguf").exists()
+    assert kl["q8_0"] < kl["Q3_K_S"]
+    # a budget the smallest candidate misses: the first one (small to large) within it
+    budget = (kl["Q3_K_S"] + min(kl.values())) / 2
+    expected = next(q for q in kl if kl[q] <= budget)
+    proc = quantize(tmp, tmp_path / "auto.gguf", "--quant", "auto", "--max-kl", budget, *candidates)
+    metadata, _ = read_gguf(tmp_path / "auto.gguf")
+    chosen = json.loads(metadata["lora_ship.quant_auto"])
+    assert chosen["chosen"] == expected != "Q3_K_S"
+    assert [r["quant"] for r in chosen["table"]] == list(kl)[:list(kl).index(expected) + 1]  # stopped there
+    assert "quantize.imatrix.file" in metadata and f"| {expected} |" in proc.stdout

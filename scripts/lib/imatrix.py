@@ -29,7 +29,7 @@ CHARS_PER_TOKEN = 4  # rough, to cut the text before tokenizing: llama-imatrix s
 
 def wants_imatrix(key: str) -> bool:
     """k-quant and IQ types use an importance matrix; the legacy Q4_0/Q5_1... and TQ types ignore it."""
-    return "_K" in key or key.startswith("IQ")
+    return "_K" in key or key.startswith("IQ") or key == "auto"
 
 
 def default_cache() -> Path:
@@ -42,6 +42,7 @@ def default_cache() -> Path:
 class Calibration:
     text: str
     source: str  # where it came from, for the log and the GGUF's quantize.imatrix.dataset
+    held_out: str = ""  # text to score on that `text` does not contain (QUANT=auto)
 
     @property
     def sha256(self) -> str:
@@ -65,25 +66,34 @@ def recorded_dataset(checkpoint: Path | None) -> Path | None:
     return None
 
 
-def read_text(path: Path) -> str:
-    """A calibration file's text: a tales .jsonl gives its training split (never the held-out tales)."""
+def tales_text(tales: list[dict]) -> str:
+    return "\n\n".join(f"{t['title']}\n\n{t['story']}" for t in tales)
+
+
+def read_text(path: Path, hold_out: bool = False) -> tuple[str, str]:
+    """(calibration text, held-out text) of a file: a tales .jsonl gives its training split and its held-out
+    tales; a plain text all of itself, or with hold_out its first four fifths and the last fifth."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"calibration file {path} does not exist")
     if path.suffix == ".jsonl":
         from lib.tales import load_tales, split_tales
-        train, _ = split_tales(load_tales(path))
+        train, held = split_tales(load_tales(path))
         # spread over the whole set, in a fixed order (by title hash), since only the first chunks are used
         train = sorted(train, key=lambda t: hashlib.sha256(t["title"].encode()).hexdigest())
-        text = "\n\n".join(f"{t['title']}\n\n{t['story']}" for t in train)
+        text, held_out = tales_text(train), tales_text(held)
     else:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        text, held_out = path.read_text(encoding="utf-8", errors="replace"), ""
+        if hold_out:
+            cut = text.rfind("\n", 0, len(text) * 4 // 5) + 1 or len(text) * 4 // 5
+            text, held_out = text[:cut], text[cut:]
     if not text.strip():
         raise UserError(f"calibration file {path} is empty")
-    return text
+    return text, held_out
 
 
-def choose_calibration(calibration: Path | None, dataset: Path | None, checkpoint: Path | None) -> Calibration:
+def choose_calibration(calibration: Path | None, dataset: Path | None, checkpoint: Path | None,
+                       hold_out: bool = False) -> Calibration:
     if calibration is not None:
         path, why = calibration, "CALIBRATION"
     elif dataset is not None:
@@ -92,9 +102,10 @@ def choose_calibration(calibration: Path | None, dataset: Path | None, checkpoin
         path, why = recorded, "the checkpoint's training data"
     else:
         path, why = GENERAL_TEXT, "the general text (no training data known)"
-    text = read_text(path)[:MAX_CHUNKS * CTX * CHARS_PER_TOKEN * 2]
+    text, held_out = read_text(path, hold_out)
+    text = text[:MAX_CHUNKS * CTX * CHARS_PER_TOKEN * 2]
     log(f"calibration text: {why}, {path} ({len(text) // 1000} kB used)")
-    return Calibration(text, Path(path).name)
+    return Calibration(text, Path(path).name, held_out)
 
 
 def sha256_file(path: Path) -> str:
@@ -146,14 +157,14 @@ class Imatrix:
 
     @classmethod
     def from_args(cls, args, key: str, checkpoint: Path | None, logpath: Path) -> "Imatrix | None":
-        if args.imatrix == "off" and key.endswith("+"):
+        if args.imatrix == "off" and (key.endswith("+") or key == "auto"):
             raise UserError(f"QUANT={key} plans the tensors by their importance-weighted error: it needs IMATRIX on")
         if args.imatrix == "off" or not wants_imatrix(key):
             return None
         imatrix_bin = args.llama_cpp / "build" / "bin" / "llama-imatrix"
         if not imatrix_bin.exists():
             raise UserError(f"{imatrix_bin} not found: run 'make vendor' (or IMATRIX=off)")
-        calib = choose_calibration(args.calibration, args.dataset, checkpoint)
+        calib = choose_calibration(args.calibration, args.dataset, checkpoint, hold_out=key == "auto")
         if args.imatrix_chunks < 1:
             raise UserError(f"--imatrix-chunks must be at least 1, not {args.imatrix_chunks}")
         return cls(calib, args.imatrix_cache or default_cache(), imatrix_bin, logpath, args.imatrix_chunks)

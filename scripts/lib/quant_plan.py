@@ -119,26 +119,35 @@ def tensor_bytes(path: Path) -> dict[str, int]:
     return {t.name: int(t.n_bytes) for t in GGUFReader(path).tensors}
 
 
-def make_plan(f16: Path, imatrix: Path, base: str, quantize_bin: Path, work: Path, logpath: Path) -> dict:
-    """The plan for `base`'s size: {"base", "bytes", "budget", "types": {tensor: type}}; plain base file kept in work."""
+def measure_types(f16: Path, imatrix: Path, quantize_bin: Path, work: Path, logpath: Path) -> dict:
+    """measure()'s table from one --pure llama-quantize run per candidate type (deleted afterwards)."""
+    work.mkdir(parents=True, exist_ok=True)
+    pure = {cand: work / f"pure.{cand}.gguf" for cand in CANDIDATES}
+    try:
+        for cand, ftype in CANDIDATES.items():
+            quantize(quantize_bin, f16, pure[cand], ftype, imatrix, logpath, "--pure")
+        return measure(f16, pure, imatrix)
+    finally:
+        for path in pure.values():
+            path.unlink(missing_ok=True)
+
+
+def make_plan(f16: Path, imatrix: Path, base: str, quantize_bin: Path, work: Path, logpath: Path,
+              table: dict | None = None) -> dict:
+    """The plan for `base`'s size: {"base", "bytes", "budget", "types": {tensor: type}} (table: measure_types()'s,
+    where it was already made)."""
     work.mkdir(parents=True, exist_ok=True)
     plain = work / f"plain.{base}.gguf"
     quantize(quantize_bin, f16, plain, base, imatrix, logpath)
-    pure = {}
-    for cand, ftype in CANDIDATES.items():
-        pure[cand] = work / f"pure.{cand}.gguf"
-        quantize(quantize_bin, f16, pure[cand], ftype, imatrix, logpath, "--pure")
-    table = measure(f16, pure, imatrix)
     plain_bytes = tensor_bytes(plain)
+    plain.unlink()
+    table = table or measure_types(f16, imatrix, quantize_bin, work, logpath)
     budget = sum(plain_bytes[n] for n in table)  # the planned tensors' bytes in the plain type
     types = choose(table, budget)
-    planned = sum(table[n][next(c for c, o in table[n].items() if o[0] == t)][1] for n, t in types.items())
-    errors = {"plan": sum(next(o[2] for o in table[n].values() if o[0] == t) for n, t in types.items())}
+    planned = sum(next(o[1] for o in table[n].values() if o[0] == t) for n, t in types.items())
     log(f"plan for {base}'s size: {planned / 2**20:.1f} MiB of weight matrices for a budget of "
         f"{budget / 2**20:.1f} MiB; types: {summary(types)}")
-    for p in pure.values():
-        p.unlink(missing_ok=True)
-    return {"base": base, "bytes": planned, "budget": budget, "error": errors["plan"], "types": types}
+    return {"base": base, "bytes": planned, "budget": budget, "types": types}
 
 
 def summary(types: dict[str, str]) -> str:
@@ -152,8 +161,8 @@ def write_type_file(plan: dict, path: Path) -> None:
     path.write_text("".join(f"^{name.replace('.', chr(92) + '.')}$={t}\n" for name, t in plan["types"].items()))
 
 
-def add_plan_metadata(src: Path, dst: Path, plan: dict) -> None:
-    """dst: src with the plan as the string key lora_ship.quant_plan (gguf-py copies the tensors as they are)."""
+def add_metadata(src: Path, dst: Path, values: dict[str, str]) -> None:
+    """dst: src with more string keys (gguf-py copies the tensors as they are)."""
     import gguf
     reader = gguf.GGUFReader(src)
     arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
@@ -164,8 +173,8 @@ def add_plan_metadata(src: Path, dst: Path, plan: dict) -> None:
         val_type = field.types[0]
         sub_type = field.types[-1] if val_type == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(field.name, field.contents(), val_type, sub_type=sub_type)
-    writer.add_string(PLAN_KEY, json.dumps({k: plan[k] for k in ("base", "bytes", "budget", "types")},
-                                           separators=(",", ":")))
+    for key, value in values.items():
+        writer.add_string(key, value)
     for t in reader.tensors:
         writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
     writer.write_header_to_file()
@@ -176,17 +185,18 @@ def add_plan_metadata(src: Path, dst: Path, plan: dict) -> None:
     writer.close()
 
 
-def quantize_with_plan(f16: Path, out: Path, key: str, imatrix: Path, quantize_bin: Path, logpath: Path) -> dict:
+def quantize_with_plan(f16: Path, out: Path, key: str, imatrix: Path, quantize_bin: Path, logpath: Path,
+                       table: dict | None = None) -> dict:
     """Quantize f16 into out by the plan for plan_base(key)'s size; return the plan."""
     base = plan_base(key)
     work = out.with_name(out.name + ".plan")
     try:
-        plan = make_plan(f16, imatrix, base, quantize_bin, work, logpath)
+        plan = make_plan(f16, imatrix, base, quantize_bin, work, logpath, table)
         type_file = work / "tensor-types.txt"
         write_type_file(plan, type_file)
         mid = work / "planned.gguf"
         quantize(quantize_bin, f16, mid, base, imatrix, logpath, "--tensor-type-file", type_file)
-        add_plan_metadata(mid, out, plan)
+        add_metadata(mid, out, {PLAN_KEY: json.dumps(plan, separators=(",", ":"))})
         log(f"plan written to {out.name} ({PLAN_KEY})")
     finally:
         import shutil

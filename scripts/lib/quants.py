@@ -16,14 +16,19 @@ QUANTIZE_TYPES = {  # llama-quantize types, with approximate bytes per weight fo
 # a per-tensor plan at that type's size (QUANT=Q4_K_M+): needs the importance matrix
 PLAN_TYPES = {f"{k}+": v for k, v in QUANTIZE_TYPES.items() if k[:2] in ("Q3", "Q4", "Q5") and "_K_" in k}
 QUANTIZE_TYPES.update(PLAN_TYPES)
+QUANTIZE_TYPES["auto"] = 34 / 32  # the smallest candidate within MAX_KL (lib/quant_auto.py): at most q8_0
 
 
-def via_16bit(write_16bit, key: str, out: Path, quantize: Path, logpath: Path, imatrix=None) -> None:
+def via_16bit(write_16bit, key: str, out: Path, quantize: Path, logpath: Path, imatrix=None, auto=None) -> None:
     """llama-quantize types: write_16bit(path) makes an f16 GGUF beside `out`, quantized into `out`, then deleted.
-    imatrix (lib/imatrix.Imatrix, or None): gives the importance matrix of that f16 GGUF for --imatrix."""
+    imatrix (lib/imatrix.Imatrix, or None): gives the importance matrix of that f16 GGUF for --imatrix.
+    auto (lib/quant_auto.Auto) chooses the type for QUANT=auto."""
     mid = out.with_name(out.name + ".f16")
     try:
         write_16bit(mid)
+        if key == "auto":
+            auto(mid, out, imatrix(mid), imatrix.calib.held_out)
+            return
         if key in PLAN_TYPES:
             from lib.quant_plan import quantize_with_plan
             quantize_with_plan(mid, out, key, imatrix(mid), quantize, logpath)
@@ -36,8 +41,9 @@ def via_16bit(write_16bit, key: str, out: Path, quantize: Path, logpath: Path, i
 
 def quant_key(quant: str) -> str:
     """The canonical spelling of a QUANT value (q8_0, f16, Q4_K_M, ...), or a UserError listing the choices."""
-    key = quant.lower() if quant.lower() in CONVERTER_TYPES else quant.upper()
+    key = quant.lower() if quant.lower() in CONVERTER_TYPES or quant.lower() == "auto" else quant.upper()
     if key not in CONVERTER_TYPES and key not in QUANTIZE_TYPES:
         raise UserError(f"unknown QUANT={quant}: choose one of {', '.join([*CONVERTER_TYPES, *QUANTIZE_TYPES])} "
-                        f"({', '.join(PLAN_TYPES)}: a per-tensor plan at that type's size)")
+                        f"({', '.join(PLAN_TYPES)}: a per-tensor plan at that type's size; auto: the smallest within "
+                        f"MAX_KL)")
     return key
