@@ -3,8 +3,12 @@
 llama.cpp's Q4_K_M gives most tensors Q4_K and a fixed set (attn_v, half of ffn_down, output) Q6_K, whatever
 the model. A plan instead measures, for every weight matrix and every candidate type (q3_k, q4_k, q5_k, q6_k,
 q8_0, or llama-quantize's fallback where the rows do not fit the type's blocks), the error the type makes where
-it matters: the importance-weighted squared error sum_j imatrix_j * sum_i (W_ij - Q_ij)^2, which is the expected
-squared error of the tensor's output E||(W - Q) x||^2 over the calibration activations x (imatrix_j = E[x_j^2]).
+it matters: the importance-weighted squared error of each output row, sum_j imatrix_j (W_rj - Q_rj)^2, the
+expected squared error of that output E[((W - Q) x)_r^2] over the calibration activations x (imatrix_j = E[x_j^2]),
+times the row's gain on its way to the residual stream (Gains: through attn_output for attn_v, through the
+SwiGLU product and ffn_down for ffn_up and ffn_gate), summed. On SmolLM2 + the demo adapter this predicts the
+order of the KL that putting each kind of tensor at q3_k costs with a rank correlation of 0.98 (0.64 without the
+gains; scripts/tools/plan_proxy_check.py, docs/quality.md).
 The quantized values are llama-quantize's own (one --pure run per candidate type, with the same importance
 matrix), read back with gguf-py, on an even sample of rows (blocks never span rows, so the sample is unbiased).
 Then, from every tensor at its cheapest type, the upgrades that remove the most error per byte are taken
@@ -56,11 +60,63 @@ def rows_of(tensor, rows: np.ndarray) -> np.ndarray:
     return dequantize(data, tensor.tensor_type).astype(np.float32).reshape(len(rows), -1)
 
 
+def head_counts(reader) -> tuple[int, int]:
+    """(attention heads, key/value heads) from a GGUF's metadata (1, 1 where it has none)."""
+    arch = reader.fields["general.architecture"].contents()
+    heads = reader.fields.get(f"{arch}.attention.head_count")
+    kv = reader.fields.get(f"{arch}.attention.head_count_kv")
+    n_head = int(heads.contents()) if heads is not None else 1
+    return n_head, int(kv.contents()) if kv is not None else n_head
+
+
+class Gains:
+    """How much a unit of error in each output row of a tensor weighs where it lands: the residual stream.
+
+    attn_output and ffn_down write into it directly (1). attn_v's rows reach it through attn_output: row r of
+    key/value head k feeds column (h, d) of attn_output for each query head h sharing k (GQA), so its gain is the
+    sum of those columns' squared norms. ffn_up's and ffn_gate's rows reach it through the SwiGLU product h and
+    ffn_down: gain_r = |ffn_down[:, r]|^2 * E[h_r^2] / E[out_r^2], with E[h_r^2] from the importance matrix of
+    ffn_down and E[out_r^2] the row's own expected output. attn_q and attn_k act through the softmax (1)."""
+
+    def __init__(self, ref: dict, weights: dict, n_head: int, n_kv: int):
+        self.ref, self.weights, self.n_head, self.n_kv = ref, weights, n_head, n_kv
+
+    def col_sq(self, name: str) -> np.ndarray | None:
+        t = self.ref.get(name)
+        if t is None:
+            return None
+        n_rows = int(np.prod(t.shape[1:]))
+        return (rows_of(t, np.arange(n_rows)).astype(np.float64) ** 2).sum(axis=0)
+
+    def __call__(self, name: str, rows: np.ndarray, w: np.ndarray, col_weight: np.ndarray) -> np.ndarray:
+        ones = np.ones(len(rows))
+        layer, _, kind = name.rpartition(".")[0].rpartition(".")
+        if kind == "attn_v":
+            col = self.col_sq(f"{layer}.attn_output.weight")
+            n_v = int(np.prod(self.ref[name].shape[1:]))
+            if col is None or n_v % self.n_kv or col.shape[0] != self.n_head * (n_v // self.n_kv):
+                return ones
+            head_dim, group = n_v // self.n_kv, self.n_head // self.n_kv
+            per_head = col.reshape(self.n_kv, group, head_dim).sum(axis=1).reshape(-1)  # q heads of each kv head
+            return per_head[rows]
+        if kind in ("ffn_up", "ffn_gate"):
+            col = self.col_sq(f"{layer}.ffn_down.weight")
+            h2 = self.weights.get(f"{layer}.ffn_down.weight")
+            if col is None or h2 is None or col.shape[0] != int(np.prod(self.ref[name].shape[1:])):
+                return ones
+            out2 = (w.astype(np.float64) ** 2) @ col_weight
+            return col[rows] * h2[rows] / np.maximum(out2, 1e-12)
+        return ones
+
+
 def measure(f16: Path, pure: dict[str, Path], imatrix: Path) -> dict[str, dict[str, tuple[str, int, float]]]:
-    """{tensor: {candidate: (actual ggml type, bytes, weighted squared error)}} for every quantized tensor."""
+    """{tensor: {candidate: (actual ggml type, bytes, error)}} for every quantized tensor: the importance-weighted
+    squared error of each output row, times the row's gain (Gains), summed."""
     from gguf import GGUFReader
     weights = importance(imatrix)
-    ref = {t.name: t for t in GGUFReader(f16).tensors}
+    reader = GGUFReader(f16)
+    ref = {t.name: t for t in reader.tensors}
+    gains = Gains(ref, weights, *head_counts(reader))
     readers = {c: {t.name: t for t in GGUFReader(p).tensors} for c, p in pure.items()}
     table = {}
     for name, t in ref.items():
@@ -73,9 +129,9 @@ def measure(f16: Path, pure: dict[str, Path], imatrix: Path) -> dict[str, dict[s
         col_weight = weights.get(name)
         if col_weight is None or col_weight.shape[0] != w.shape[1]:  # token_embd: a lookup, no activations
             col_weight = np.ones(w.shape[1])
-        scale = n_rows / len(rows)
+        row_gain = gains(name, rows, w, col_weight) * (n_rows / len(rows))
         table[name] = {c: (q.tensor_type.name.lower(), int(q.n_bytes),
-                           float(((w - rows_of(q, rows)) ** 2).sum(axis=0) @ col_weight) * scale)
+                           float((((w - rows_of(q, rows)) ** 2) @ col_weight) @ row_gain))
                        for c, q in quantized.items()}
     return table
 
