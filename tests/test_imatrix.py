@@ -169,3 +169,21 @@ def test_auto_keeps_the_smallest_within_the_held_out_kl(k_quant_model, tmp_path)
     assert chosen["chosen"] == expected != "Q3_K_S"
     assert [r["quant"] for r in chosen["table"]] == list(kl)[:list(kl).index(expected) + 1]  # stopped there
     assert "quantize.imatrix.file" in metadata and f"| {expected} |" in proc.stdout
+
+
+@needs_llama_cpp
+def test_make_calibrates_caches_and_turns_it_off(k_quant_model):
+    from test_make import make
+    tmp = k_quant_model
+    args = [f"OUT={tmp}/make-out", f"BASE_MODEL={tmp}/base", f"CHECKPOINTS_DIR={tmp}/ckpts", "QUANT=Q4_K_M",
+            f"CALIBRATION={ROOT}/data/calibration-general.txt"]
+    gguf = tmp / "make-out" / "model.Q4_K_M.gguf"
+    proc = make(*args, "merge")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert Path(read_gguf(gguf)[0]["quantize.imatrix.dataset"]).name.startswith("calibration-general-")
+    assert len(list((tmp / "make-out" / "imatrix").glob("imatrix-*.gguf"))) == 1
+    again = make(*args, "merge")
+    assert again.returncode == 0 and "merge_gguf" not in again.stdout  # a file target: nothing to redo
+    off = make(*args, "IMATRIX=off", "merge")  # a changed setting makes the GGUF again
+    assert off.returncode == 0 and ">>> merge: " in off.stdout
+    assert not any(k.startswith("quantize.imatrix") for k in read_gguf(gguf)[0])
