@@ -13,12 +13,15 @@ GRIMM = ROOT / "data" / "grimm_stories.jsonl"
 
 
 def test_calibration_is_the_training_split_never_the_held_out_tales():
-    from lib.imatrix import read_text
+    from lib.imatrix import GENERAL_TEXT, read_text
     from lib.tales import load_tales, split_tales
     train, held = split_tales(load_tales(GRIMM))
-    text = read_text(GRIMM)
-    assert held and all(t["story"][:200] not in text for t in held)
-    assert all(t["story"][:200] in text for t in train)
+    text, held_out = read_text(GRIMM)
+    assert held and all(t["story"][:200] not in text and t["story"][:200] in held_out for t in held)
+    assert all(t["story"][:200] in text and t["story"][:200] not in held_out for t in train)
+    plain = GENERAL_TEXT.read_text()
+    text, held_out = read_text(GENERAL_TEXT, hold_out=True)  # QUANT=auto scores on the last fifth
+    assert text + held_out == plain and len(held_out) < len(plain) / 4 and not held_out.strip() in text
 
 
 def test_calibration_order(tmp_path):
@@ -154,11 +157,11 @@ def auto_table(stdout: str) -> dict[str, float]:
 @needs_llama_cpp
 def test_auto_keeps_the_smallest_within_the_held_out_kl(k_quant_model, tmp_path):
     tmp = k_quant_model
-    candidates = ("--candidates", "Q3_K_S,Q4_K_M,Q4_K_M+,Q8_0")
+    candidates = ("--candidates", "Q3_K_S,Q4_K_M,Q6_K,Q8_0")  # plans: test_plan_keeps_the_size_...
     proc = quantize(tmp, tmp_path / "none.gguf", "--quant", "auto", "--max-kl", "1e-9", *candidates, check=False)
     assert proc.returncode == 1 and "no candidate is within MAX_KL=1e-09" in error_line(proc)
     kl = auto_table(proc.stdout)  # every candidate tried, none kept
-    assert list(kl) == ["Q3_K_S", "Q4_K_M", "Q4_K_M+", "q8_0"] and not (tmp_path / "none.gguf").exists()
+    assert list(kl) == ["Q3_K_S", "Q4_K_M", "Q6_K", "q8_0"] and not (tmp_path / "none.gguf").exists()
     assert kl["q8_0"] < kl["Q3_K_S"]
     # a budget the smallest candidate misses: the first one (small to large) within it
     budget = (kl["Q3_K_S"] + min(kl.values())) / 2
