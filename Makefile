@@ -12,6 +12,10 @@ CHECKPOINT       ?=
 DATASET          ?= data/grimm_stories.jsonl
 GUTENBERG_TXT    ?= https://www.gutenberg.org/cache/epub/2591/pg2591.txt
 QUANT            ?= q8_0
+IMATRIX          ?= auto
+CALIBRATION      ?=
+MAX_KL           ?= 0.01
+MAX_SIZE         ?=
 MERGE_METHOD     ?= streaming
 KEEP_MERGED      ?=
 HOST             ?= 127.0.0.1
@@ -60,7 +64,7 @@ BENCH_TENANTS    ?=
 PYTEST_ARGS      ?=
 PIPELINE_JOBS    ?= 3
 
-HELP_VARS := BASE_MODEL BASE_NAME CHECKPOINTS_DIR CHECKPOINT DATASET GUTENBERG_TXT QUANT MERGE_METHOD HOST PORT API_KEY ADMIN_KEY KEYS_FILE TENANT \
+HELP_VARS := BASE_MODEL BASE_NAME CHECKPOINTS_DIR CHECKPOINT DATASET GUTENBERG_TXT QUANT IMATRIX CALIBRATION MAX_KL MAX_SIZE MERGE_METHOD HOST PORT API_KEY ADMIN_KEY KEYS_FILE TENANT \
   ALLOW_NO_KEY OPEN ENGINE GPU_LAYERS CTX_SIZE PARALLEL MAX_TOKENS BACKEND_SAMPLING CACHE_RAM SERVER_ARGS REPLICAS REMOTE_REPLICAS BALANCER \
   PROMPT OUT VENV PYTHON TORCH_SPEC \
   LLAMA_CPP_COMMIT LLAMA_CPP_REPO LLAMA_CPP_PYTHON LLAMA_CPP_PYTHON_SHA256 LLAMA_BACKEND LLAMAFILE_VERSION LLAMAFILE_SHA256 \
@@ -194,7 +198,7 @@ quick-check:
 	  $(PORT_CHECK_ARGS)
 
 # ---- vendor tools ----
-vendor: $(LLAMA_BIN)/llama-server ## fetch llama.cpp at LLAMA_CPP_COMMIT, apply patches/llama.cpp, build server, quantize, perplexity, batched-bench; clone llamafile's source
+vendor: $(LLAMA_BIN)/llama-server ## fetch llama.cpp at LLAMA_CPP_COMMIT, apply patches/llama.cpp, build server, quantize, imatrix, perplexity, batched-bench; clone llamafile's source
 	@$(PYTHON) scripts/fetch_llamafile.py --version $(LLAMAFILE_VERSION) --sha256 "$(LLAMAFILE_SHA256)" --source-only $(LLAMAFILE_ONCE)
 run-clone-repositories: vendor ## alias of vendor (seed name)
 
@@ -255,6 +259,17 @@ CONVERTER_QUANTS := q8_0 f16 bf16 f32 Q8_0 F16 BF16 F32
 CONVERT_TOOLS := $(if $(filter $(CONVERTER_QUANTS),$(QUANT)),$(LLAMA_SRC),$(LLAMA_BIN)/llama-server)
 MERGE_ARGS = --base $(BASE_DIR) --checkpoints-dir $(CHECKPOINTS_DIR) $(if $(CHECKPOINT),--checkpoint "$(CHECKPOINT)") \
   $(FALLBACK_ARG)
+# k-quant and IQ types: an importance matrix over the calibration text (lib/imatrix.py), cached in $(OUT)/imatrix;
+# DATASET calibrates where it was given (else the checkpoint's recorded training data, else a general text)
+DATASET_GIVEN := $(filter command line environment override,$(origin DATASET))
+# QUANT=auto: the smallest candidate within MAX_KL on held-out text (or the closest within MAX_SIZE)
+IMATRIX_ARGS = --imatrix $(IMATRIX) $(if $(CALIBRATION),--calibration "$(CALIBRATION)") \
+  $(if $(DATASET_GIVEN),--dataset "$(DATASET)") --imatrix-cache $(OUT)/imatrix \
+  $(if $(filter auto,$(QUANT)),--max-kl $(MAX_KL) $(if $(MAX_SIZE),--max-size $(MAX_SIZE)))
+ifeq ($(filter $(CONVERTER_QUANTS),$(QUANT)),)
+  MERGE_INPUTS += imatrix=$(IMATRIX) $(CALIBRATION) $(if $(DATASET_GIVEN),$(DATASET)) \
+    $(if $(filter auto,$(QUANT)),$(MAX_KL) $(MAX_SIZE))
+endif
 
 $(MERGED)/config.json: $(BASE_DIR)/config.json $(CHECKPOINT_FILES) $(OUT)/.merge-inputs | $(STAMP) check
 	$(call stage-start,merge,the adapter into $(MERGED))
@@ -263,22 +278,22 @@ $(MERGED)/config.json: $(BASE_DIR)/config.json $(CHECKPOINT_FILES) $(OUT)/.merge
 
 ifneq ($(KEEP_MERGED)$(filter peft,$(MERGE_METHOD)),)
 merge: $(MERGED)/config.json ## merge the checkpoint (CHECKPOINTS_DIR, or CHECKPOINT=) into the base: straight into the GGUF; KEEP_MERGED=1 also keeps an HF copy in out/merged
-$(GGUF): $(MERGED)/config.json | $(CONVERT_TOOLS) $(STAMP) check
+$(GGUF): $(MERGED)/config.json $(CALIBRATION) | $(CONVERT_TOOLS) $(STAMP) check
 	$(call stage-start,quantize,$(MERGED) to $@)
 	@$(PY) scripts/convert_gguf.py --model $(MERGED) --quant $(QUANT) --out $@ --llama-cpp $(LLAMA_CPP) \
-	  --log $(OUT)/logs/convert.log
+	  --log $(OUT)/logs/convert.log $(IMATRIX_ARGS)
 	$(call stage-end,quantize)
 else
 merge: $(GGUF)
-$(GGUF): $(BASE_DIR)/config.json $(CHECKPOINT_FILES) $(OUT)/.merge-inputs | $(CONVERT_TOOLS) $(STAMP) check
+$(GGUF): $(BASE_DIR)/config.json $(CHECKPOINT_FILES) $(CALIBRATION) $(OUT)/.merge-inputs | $(CONVERT_TOOLS) $(STAMP) check
 	$(call stage-start,merge,the adapter straight into $@)
 	@$(PY) scripts/merge_gguf.py $(MERGE_ARGS) --quant $(QUANT) --out $@ --llama-cpp $(LLAMA_CPP) \
-	  --log $(OUT)/logs/convert.log
+	  --log $(OUT)/logs/convert.log $(IMATRIX_ARGS)
 	$(call stage-end,merge)
 endif
 run-merge-models: merge ## alias of merge (seed name)
 
-quantize: $(GGUF) ## the GGUF of the merged model (QUANT: q8_0, f16, bf16, Q4_K_M, ...)
+quantize: $(GGUF) ## the GGUF of the merged model (QUANT: q8_0, f16, bf16, Q4_K_M, ...; k-quant/IQ types with an importance matrix over the fine-tune's data, IMATRIX=off: none; Q4_K_M+: per-tensor plan; auto: smallest within MAX_KL)
 run-quantize-llama-model: quantize ## alias of quantize (seed name)
 
 # ---- serving ----
@@ -376,7 +391,7 @@ bench-affinity: $(GGUF) | $(LLAMA_BIN)/llama-server $(STAMP) ## time to first to
 bench-merge: $(BASE_DIR)/config.json $(CHECKPOINT_FILES) | $(LLAMA_SRC) $(STAMP) ## time + peak RSS: the seed's PEFT merge + convert vs ours; BENCH_MODEL=8b-random for a random 8B
 	$(PY) scripts/bench/merge.py $(MERGE_ARGS) --model $(BENCH_MODEL) --quant $(QUANT) --workdir $(OUT)/bench-merge
 
-eval: $(BASE_DIR)/config.json $(CHECKPOINT_FILES) | $(LLAMA_BIN)/llama-server $(STAMP) ## quality report on held-out tales: perplexity + KL of base, unmerged, merged, nf4, int8, GGUF f16/q8_0/Q4_K_M (out/eval/; EVAL_ARGS='--max-tokens N')
+eval: $(BASE_DIR)/config.json $(CHECKPOINT_FILES) | $(LLAMA_BIN)/llama-server $(STAMP) ## quality report on held-out tales: perplexity + KL of base, unmerged, merged, nf4, int8, GGUF f16/q8_0/Q4_K_M (out/eval/; EVAL_ARGS='--max-tokens N --quants Q4_K_M,Q4_K_M:imatrix,Q4_K_M+,...')
 	$(PY) scripts/eval_quality.py $(MERGE_ARGS) --dataset $(DATASET) --out $(OUT)/eval --llama-cpp $(LLAMA_CPP) $(EVAL_ARGS)
 
 # ---- checks and housekeeping ----

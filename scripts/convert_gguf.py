@@ -2,7 +2,9 @@
 """Convert a Hugging Face model folder to a GGUF file with llama.cpp's own converter.
 
 --quant q8_0 (default), f16, bf16, f32 come straight out of convert_hf_to_gguf.py; llama-quantize types
-(Q4_K_M, Q5_K_M, Q6_K, Q4_0, ...) go through a 16-bit intermediate that is deleted afterwards.
+(Q4_K_M, Q5_K_M, Q6_K, Q4_0, ...) go through a 16-bit intermediate that is deleted afterwards; k-quant and IQ
+types with an importance matrix computed on it (lib/imatrix.py; --imatrix off: none); Q4_K_M+ and auto: see
+merge_gguf.py.
 The output is written under a temporary name and renamed when complete.
 """
 from __future__ import annotations
@@ -15,6 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lib.common import ROOT, UserError, atomic_file, human_bytes, log, require_free_space, run_main, run_tool  # noqa: E402
+from lib.imatrix import Imatrix, add_imatrix_args  # noqa: E402
+from lib.quant_auto import Auto, add_auto_args  # noqa: E402
 from lib.quants import CONVERTER_TYPES, QUANTIZE_TYPES, quant_key, via_16bit  # noqa: E402
 
 
@@ -41,7 +45,7 @@ def refuse_unpadded_vocabulary(model: Path, cfg: dict, llama_cpp: Path) -> None:
                         f"(merge_gguf.py keeps one row per token)")
 
 
-def convert(model: Path, quant: str, out: Path, llama_cpp: Path, logpath: Path) -> None:
+def convert(model: Path, quant: str, out: Path, llama_cpp: Path, logpath: Path, imatrix_args=None) -> None:
     converter = llama_cpp / "convert_hf_to_gguf.py"
     quantize = llama_cpp / "build" / "bin" / "llama-quantize"
     if not converter.exists():
@@ -64,6 +68,10 @@ def convert(model: Path, quant: str, out: Path, llama_cpp: Path, logpath: Path) 
         from lib.merge import gguf_model_name
         info = json.loads((model / "merge_info.json").read_text())
         naming = ["--model-name", gguf_model_name(Path(info["base"]), Path(info["checkpoint"]), cfg)]
+    # a merged model's checkpoint may record its training data, the calibration text
+    ckpt = Path(info["checkpoint"]) if naming and info.get("checkpoint") else None
+    imatrix = Imatrix.from_args(imatrix_args, key, ckpt, logpath) if imatrix_args else None
+    auto = Auto(imatrix_args, logpath) if key == "auto" and imatrix_args else None
     start = time.perf_counter()
     with atomic_file(out) as tmp:
         if key in CONVERTER_TYPES:
@@ -75,7 +83,8 @@ def convert(model: Path, quant: str, out: Path, llama_cpp: Path, logpath: Path) 
                 raise UserError(f"{quantize} not found: run 'make vendor' first")
             log(f"converting {model} to a 16-bit GGUF, then quantizing to {key} ...")
             via_16bit(lambda mid: run_tool([sys.executable, converter, model, "--outtype", "f16", "--outfile", mid,
-                                       *naming], "convert_hf_to_gguf.py", logpath), key, tmp, quantize, logpath)
+                                       *naming], "convert_hf_to_gguf.py", logpath), key, tmp, quantize, logpath,
+                      imatrix, auto)
     log(f"wrote {out} ({human_bytes(out.stat().st_size)}) in {time.perf_counter() - start:.1f} s")
 
 
@@ -86,8 +95,10 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True, help="GGUF file to write")
     p.add_argument("--llama-cpp", type=Path, default=ROOT / "vendor" / "llama.cpp", help="llama.cpp folder")
     p.add_argument("--log", type=Path, default=ROOT / "out" / "logs" / "convert.log", help="log file")
+    add_imatrix_args(p)
+    add_auto_args(p)
     args = p.parse_args()
-    convert(args.model, args.quant, args.out, args.llama_cpp, args.log)
+    convert(args.model, args.quant, args.out, args.llama_cpp, args.log, args)
 
 
 if __name__ == "__main__":

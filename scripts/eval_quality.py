@@ -4,7 +4,8 @@
 On the held-out Grimm tales (the same split training uses), cut to --max-tokens and scored the way llama.cpp's
 llama-perplexity does it: chunks of --ctx tokens, each scored on its second half. Forms:
   Transformers: base, base + adapter (PEFT, unmerged), merged (the 16-bit reference), nf4 and int8 loads
-  llama.cpp:    GGUF f16, q8_0, Q4_K_M (llama-perplexity; KL and top-1 against the f16 GGUF's logits)
+  llama.cpp:    GGUF f16 and --quants (q8_0, Q4_K_M; also with an importance matrix over the training split,
+                and per-tensor plans) (llama-perplexity; KL and top-1 against the f16 GGUF's logits)
 Transformers forms are compared with the merged model on its own tokens; GGUF forms with the f16 GGUF, which
 is the same 16-bit merged model run by llama.cpp. Writes report.md, quality.png and quality.json to --out.
 """
@@ -79,24 +80,54 @@ def parse_perplexity(text: str) -> dict:
 
 
 def gguf_forms(args, ckpt: Path, text_file: Path, work: Path, n_chunks: int, logpath: Path) -> dict:
+    """f16 (the reference) and each of --quants: converter types written by merge_gguf.py, llama-quantize types
+    quantized from the f16 GGUF (NAME:imatrix with the importance matrix of the training split)."""
+    from lib.imatrix import choose_calibration, compute
+    from lib.quant_plan import quantize_with_plan
+    from lib.quants import CONVERTER_TYPES, PLAN_TYPES, quant_key
+
     bin_dir = args.llama_cpp / "build" / "bin"
     py, scripts = sys.executable, ROOT / "scripts"
-    files = {q: work / f"model.{q}.gguf" for q in ("f16", "q8_0", "Q4_K_M")}
-    for quant in ("f16", "q8_0"):
-        log(f"GGUF {quant} ...")
-        run_tool([py, scripts / "merge_gguf.py", "--base", args.base, "--checkpoint", ckpt.resolve(), "--quant", quant,
-             "--out", files[quant], "--llama-cpp", args.llama_cpp], f"merge_gguf.py --quant {quant}", logpath)
-    run_tool([bin_dir / "llama-quantize", files["f16"], files["Q4_K_M"], "Q4_K_M"], "llama-quantize", logpath)
+    forms = {"f16": work / "model.f16.gguf"}
+    for spec in args.quants.split(","):
+        quant, _, how = spec.strip().partition(":")
+        if how not in ("", "imatrix"):
+            raise UserError(f"--quants {spec}: write TYPE or TYPE:imatrix")
+        key = quant_key(quant)
+        forms[f"{key} imatrix" if how else key] = work / f"model.{key}{'.imatrix' if how else ''}.gguf"
+    imatrix, plans = None, {}
+    for name, path in forms.items():
+        key, _, how = name.partition(" ")
+        if key in CONVERTER_TYPES:
+            log(f"GGUF {key} ...")
+            run_tool([py, scripts / "merge_gguf.py", "--base", args.base, "--checkpoint", ckpt.resolve(), "--quant",
+                      key, "--out", path, "--llama-cpp", args.llama_cpp], f"merge_gguf.py --quant {key}", logpath)
+            continue
+        if (how or key in PLAN_TYPES) and imatrix is None:
+            start = time.perf_counter()
+            imatrix = compute(forms["f16"], choose_calibration(None, args.dataset, ckpt), work / "imatrix",
+                              bin_dir / "llama-imatrix", logpath, args.imatrix_chunks)
+            log(f"importance matrix ready in {time.perf_counter() - start:.1f} s")
+        log(f"GGUF {name} ...")
+        start = time.perf_counter()
+        if key in PLAN_TYPES:
+            plans[name] = quantize_with_plan(forms["f16"], path, key, imatrix, bin_dir / "llama-quantize", logpath)
+        else:
+            run_tool([bin_dir / "llama-quantize", *(["--imatrix", imatrix] if how else []), forms["f16"], path, key],
+                     "llama-quantize", logpath)
+        log(f"GGUF {name} in {time.perf_counter() - start:.1f} s")
     common = ["-f", text_file, "--ctx-size", args.ctx, "--chunks", n_chunks, "--batch-size", args.ctx,
               "--threads", os.cpu_count() or 1]
     kld = work / "f16.kld"
     results = {}
-    for quant, path in files.items():
-        log(f"llama-perplexity on {quant} ...")
-        extra = ["--kl-divergence-base", kld] + (["--kl-divergence"] if quant != "f16" else [])
+    for name, path in forms.items():
+        log(f"llama-perplexity on {name} ...")
+        extra = ["--kl-divergence-base", kld] + (["--kl-divergence"] if name != "f16" else [])
         out = parse_perplexity(run_tool([bin_dir / "llama-perplexity", "-m", path, *common, *extra],
-                                   f"llama-perplexity on {quant}", logpath))
-        results[f"GGUF {quant}"] = {**out, "engine": "llama.cpp", "bytes": path.stat().st_size}
+                                        f"llama-perplexity on {name}", logpath))
+        results[f"GGUF {name}"] = {**out, "engine": "llama.cpp", "bytes": path.stat().st_size}
+        if name in plans:
+            results[f"GGUF {name}"]["plan"] = plans[name]["types"]
     kld.unlink(missing_ok=True)
     return results
 
@@ -179,6 +210,12 @@ def main() -> None:
     p.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default: %(default)s)")
     p.add_argument("--max-tokens", type=int, default=4096, help="held-out tokens to score (default: %(default)s)")
     p.add_argument("--llama-cpp", type=Path, default=ROOT / "vendor" / "llama.cpp")
+    p.add_argument("--quants", default="q8_0,Q4_K_M", help="GGUF forms besides f16, comma-separated: "
+                   "a QUANT type, TYPE:imatrix with the importance matrix of --dataset's training split, "
+                   "Q4_K_M+ (a per-tensor plan at Q4_K_M's size, with it); docs/quality.md's table: "
+                   "q8_0,Q3_K_M,Q3_K_M:imatrix,Q3_K_M+,Q4_K_M,Q4_K_M:imatrix,Q4_K_M+,Q5_K_M,Q5_K_M:imatrix,"
+                   "IQ4_XS:imatrix (default: %(default)s)")
+    p.add_argument("--imatrix-chunks", type=int, default=48, help="calibration chunks (default: %(default)s)")
     args = p.parse_args()
 
     from transformers import AutoTokenizer

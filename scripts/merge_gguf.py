@@ -15,7 +15,10 @@ output, or with --round-to-base-dtype, they are first rounded to the base's dtyp
 path (merge_lora.py writing an HF model, then convert_gguf.py) does, and both give the same GGUF tensors.
 
 --quant q8_0 (default), f16, bf16, f32 are written directly; llama-quantize types (Q4_K_M, ...) go
-through a 16-bit GGUF that is deleted afterwards.
+through a 16-bit GGUF that is deleted afterwards. k-quant and IQ types are quantized with an importance matrix
+computed on that 16-bit GGUF over the fine-tune's training data (lib/imatrix.py; --imatrix off: none);
+Q4_K_M+ and the like are per-tensor plans at that type's size (lib/quant_plan.py); auto, the smallest
+candidate within --max-kl on held-out text (lib/quant_auto.py).
 """
 from __future__ import annotations
 
@@ -34,6 +37,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lib.common import (  # noqa: E402
     ROOT, UserError, add_checkpoint_args, atomic_file, human_bytes, log, require_base, require_free_space, run_main)
+from lib.imatrix import Imatrix, add_imatrix_args  # noqa: E402
+from lib.quant_auto import Auto, add_auto_args  # noqa: E402
 from lib.quants import CONVERTER_TYPES, QUANTIZE_TYPES, quant_key, via_16bit  # noqa: E402
 
 # float32 bytes per row chunk of a streamed tensor (tests set it small to exercise the chunking)
@@ -378,6 +383,8 @@ def main() -> None:
     p.add_argument("--log", type=Path, default=ROOT / "out" / "logs" / "convert.log", help="llama-quantize log")
     p.add_argument("--round-to-base-dtype", action="store_true", help="round the merged weights to the base's "
                    "dtype before the output type, as the two-step path does (same bytes as it; one rounding more)")
+    add_imatrix_args(p)
+    add_auto_args(p)
     args = p.parse_args()
 
     from lib.checkpoints import select_checkpoint
@@ -389,6 +396,8 @@ def main() -> None:
     if key in QUANTIZE_TYPES and not quantize.exists():
         raise UserError(f"{quantize} not found: run 'make vendor' first")
     ckpt = select_checkpoint(args.checkpoints_dir, args.checkpoint, args.fallback)
+    imatrix = Imatrix.from_args(args, key, ckpt, args.log)
+    auto = Auto(args, args.log) if key == "auto" else None
     # 16-bit output: rounded to the base's dtype first (a bf16 base to f16 keeps today's bytes); else float32
     rounded = args.round_to_base_dtype or key in ("f16", "bf16")
     source = MergedSource(args.base, ckpt, "auto" if rounded else "fp32")
@@ -402,7 +411,8 @@ def main() -> None:
         if key in CONVERTER_TYPES:
             write_gguf(source, key, tmp, args.llama_cpp, name)
         else:
-            via_16bit(lambda mid: write_gguf(source, "f16", mid, args.llama_cpp, name), key, tmp, quantize, args.log)
+            via_16bit(lambda mid: write_gguf(source, "f16", mid, args.llama_cpp, name), key, tmp, quantize, args.log,
+                      imatrix, auto)
     log(f"wrote {args.out} ({human_bytes(args.out.stat().st_size)}) in {time.perf_counter() - start:.1f} s")
 
 

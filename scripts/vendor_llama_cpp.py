@@ -7,7 +7,7 @@ so a machine with only a PyPI mirror still builds the very same source. Either w
 patches/llama.cpp/ are then applied in name order (git apply, or patch -p1): small serving fixes, each
 explained in its header and in the README; a tree fetched before the patch set changed is fetched again.
 
-Build: llama-server, llama-quantize, llama-perplexity and llama-batched-bench with CMake: CUDA when nvcc and
+Build: llama-server, llama-quantize, llama-imatrix, llama-perplexity and llama-batched-bench with CMake: CUDA when nvcc and
 an NVIDIA GPU are found (or --backend cuda), else CPU; tuned to this machine's CPU (llama.cpp's default), but
 without its AMX code (see NO_AMX_FLAGS).
 The build folder lives in a cache keyed by commit, patch set and backend (vendor/llama.cpp/build links to
@@ -35,7 +35,7 @@ SDIST = "llama-cpp-python==0.3.36"
 SDIST_FILE = "llama_cpp_python-0.3.36.tar.gz"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 SDIST_TREE = "llama_cpp_python-0.3.36/vendor/llama.cpp/"
-TOOLS = ("llama-server", "llama-quantize", "llama-perplexity", "llama-batched-bench")
+TOOLS = ("llama-server", "llama-quantize", "llama-imatrix", "llama-perplexity", "llama-batched-bench")
 # llama.cpp's AMX matrix multiply, which -march=native compiles in on Xeons with AMX (Sapphire Rapids and
 # newer), segfaults on some of them at the first request (upstream issue #20824, open, no fix at the pinned
 # commit; seen here on a 2-core AMX virtual machine). Builds leave it out; AVX-512 and the rest stay.

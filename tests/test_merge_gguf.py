@@ -156,7 +156,8 @@ def test_direct_k_quant(tmp_path):
     base_model, _ = make_tiny_llama(base_dir, "spm", hidden=256)  # k-quants need rows of 256
     make_adapter(base_model, tmp_path / "ckpts" / "a")
     out = tmp_path / "out" / "model.Q4_K_M.gguf"
-    direct(base_dir, tmp_path / "ckpts", out, "--quant", "Q4_K_M", "--log", tmp_path / "q.log")
+    direct(base_dir, tmp_path / "ckpts", out, "--quant", "Q4_K_M", "--log", tmp_path / "q.log", "--imatrix-cache",
+           tmp_path / "imatrix")
     metadata, ts = read_gguf(out)
     assert metadata["general.file_type"] == 15  # MOSTLY_Q4_K_M
     assert "Q4_K" in {t.tensor_type.name for t in ts.values()}

@@ -1,5 +1,6 @@
 """Merge -> q8_0 GGUF -> server, on tiny random Llamas with the real Llama 2 and Llama 3 tokenizers."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,10 +65,14 @@ def test_other_quant_types(tmp_path, quant):
     make_adapter(base_model, tmp_path / "ckpts" / "a")
     run_script("merge_lora.py", "--base", base_dir, "--checkpoints-dir", tmp_path / "ckpts", "--out", tmp_path / "m")
     out = tmp_path / f"model.{quant}.gguf"
-    run_script("convert_gguf.py", "--model", tmp_path / "m", "--quant", quant, "--out", out, "--log", tmp_path / "c.log")
+    run_script("convert_gguf.py", "--model", tmp_path / "m", "--quant", quant, "--out", out, "--log", tmp_path / "c.log",
+               "--imatrix-cache", tmp_path / "imatrix")
     metadata, tensors = read_gguf(out)
     types = {t.tensor_type.name for t in tensors.values()}
     assert ("F16" in types) if quant == "f16" else ("Q4_K" in types)
+    # k-quants with an importance matrix: over the general text, as this adapter records no training data
+    dataset = metadata.get("quantize.imatrix.dataset")
+    assert (dataset is None) if quant == "f16" else Path(dataset).name.startswith("calibration-general-")
     assert metadata["general.file_type"] == (1 if quant == "f16" else 15)  # MOSTLY_F16 / Q4_K_M
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no intermediate left behind
 

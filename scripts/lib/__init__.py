@@ -7,6 +7,9 @@ tensor_io    reading base weights lazily (safetensors, .bin shards) and writing 
 lora_math    PEFT's merge arithmetic: LoRA deltas, DoRA, replaced rows
 merge        the merged model one tensor at a time (MergedSource), what both writers read from
 quants       the GGUF types QUANT can name
+imatrix      importance matrices for llama-quantize: the calibration text, llama-imatrix, its cache
+quant_plan   per-tensor quantization plans (QUANT=Q4_K_M+): each tensor's error per type, a byte budget spent greedily
+quant_auto   QUANT=auto: the smallest candidate within MAX_KL on held-out text (or the lowest KL within MAX_SIZE)
 loading      loading a model to generate or score with (Transformers + BitsAndBytes, llama-cpp-python)
 tales        the Grimm tales dataset: reading and the held-out split
 keys         a shared server's keys: the keys file's format, key hashes, new keys, the admin key file
