@@ -191,10 +191,11 @@ write-if-changed = @mkdir -p $(@D); echo '$(1)' | cmp -s - $@ || echo '$(1)' > $
 # ---- inputs ----
 # QUANT, BASE_MODEL, the checkpoint and its fit to the base, checked in seconds before the long steps: in `make`
 # once the venv is in (the quick part, which needs none, ran first); the base and the merge wait for it
+QUANT_CHECK_ARGS = --imatrix "$(IMATRIX)" $(if $(CALIBRATION),--calibration "$(CALIBRATION)")
 check: | $(STAMP) ## check QUANT, BASE_MODEL, CHECKPOINT, the adapter's config, its fit to the base and the tokenizer files
-	@$(PY) scripts/check_inputs.py --quant "$(QUANT)" --base-model "$(BASE_MODEL)" $(MERGE_ARGS)
+	@$(PY) scripts/check_inputs.py --quant "$(QUANT)" --base-model "$(BASE_MODEL)" $(MERGE_ARGS) $(QUANT_CHECK_ARGS)
 quick-check:
-	@$(PYTHON) scripts/check_inputs.py --quick --quant "$(QUANT)" --base-model "$(BASE_MODEL)" $(MERGE_ARGS) \
+	@$(PYTHON) scripts/check_inputs.py --quick --quant "$(QUANT)" --base-model "$(BASE_MODEL)" $(MERGE_ARGS) $(QUANT_CHECK_ARGS) \
 	  $(PORT_CHECK_ARGS)
 
 # ---- vendor tools ----
@@ -260,7 +261,8 @@ CONVERT_TOOLS := $(if $(filter $(CONVERTER_QUANTS),$(QUANT)),$(LLAMA_SRC),$(LLAM
 MERGE_ARGS = --base $(BASE_DIR) --checkpoints-dir $(CHECKPOINTS_DIR) $(if $(CHECKPOINT),--checkpoint "$(CHECKPOINT)") \
   $(FALLBACK_ARG)
 # k-quant and IQ types: an importance matrix over the calibration text (lib/imatrix.py), cached in $(OUT)/imatrix;
-# DATASET calibrates where it was given (else the checkpoint's recorded training data, else a general text)
+# DATASET calibrates where it was given (else the checkpoint's recorded training data, else a general text); a
+# CALIBRATION file that is not there is make check's one line, not make's "No rule" (hence $(wildcard) below)
 DATASET_GIVEN := $(filter command line environment override,$(origin DATASET))
 # QUANT=auto: the smallest candidate within MAX_KL on held-out text (or the closest within MAX_SIZE)
 IMATRIX_ARGS = --imatrix $(IMATRIX) $(if $(CALIBRATION),--calibration "$(CALIBRATION)") \
@@ -278,14 +280,14 @@ $(MERGED)/config.json: $(BASE_DIR)/config.json $(CHECKPOINT_FILES) $(OUT)/.merge
 
 ifneq ($(KEEP_MERGED)$(filter peft,$(MERGE_METHOD)),)
 merge: $(MERGED)/config.json ## merge the checkpoint (CHECKPOINTS_DIR, or CHECKPOINT=) into the base: straight into the GGUF; KEEP_MERGED=1 also keeps an HF copy in out/merged
-$(GGUF): $(MERGED)/config.json $(CALIBRATION) | $(CONVERT_TOOLS) $(STAMP) check
+$(GGUF): $(MERGED)/config.json $(wildcard $(CALIBRATION)) | $(CONVERT_TOOLS) $(STAMP) check
 	$(call stage-start,quantize,$(MERGED) to $@)
 	@$(PY) scripts/convert_gguf.py --model $(MERGED) --quant $(QUANT) --out $@ --llama-cpp $(LLAMA_CPP) \
 	  --log $(OUT)/logs/convert.log $(IMATRIX_ARGS)
 	$(call stage-end,quantize)
 else
 merge: $(GGUF)
-$(GGUF): $(BASE_DIR)/config.json $(CHECKPOINT_FILES) $(CALIBRATION) $(OUT)/.merge-inputs | $(CONVERT_TOOLS) $(STAMP) check
+$(GGUF): $(BASE_DIR)/config.json $(CHECKPOINT_FILES) $(wildcard $(CALIBRATION)) $(OUT)/.merge-inputs | $(CONVERT_TOOLS) $(STAMP) check
 	$(call stage-start,merge,the adapter straight into $@)
 	@$(PY) scripts/merge_gguf.py $(MERGE_ARGS) --quant $(QUANT) --out $@ --llama-cpp $(LLAMA_CPP) \
 	  --log $(OUT)/logs/convert.log $(IMATRIX_ARGS)

@@ -39,6 +39,8 @@ def main() -> None:
     p.add_argument("--base-model", required=True, help="BASE_MODEL: smollm2, a folder or a hub id")
     p.add_argument("--base", required=True, type=Path, help="the base model folder make uses (may not exist yet)")
     add_checkpoint_args(p, Path("quantization/checkpoints"))
+    p.add_argument("--imatrix", default="auto", help="IMATRIX: auto or off")
+    p.add_argument("--calibration", default=None, help="CALIBRATION: a text or tales .jsonl file")
     p.add_argument("--quick", action="store_true", help="only what needs no installed package (no fit, no tokenizer)")
     p.add_argument("--port-free", metavar="HOST:PORT", help="the address to serve on must be free, or held by the "
                    "server of --pid-file")
@@ -49,6 +51,7 @@ def main() -> None:
     from lib.checkpoints import read_adapter_config, select_checkpoint
     from lib.common import check_base_model
     from lib.merge import check_adapter_config
+    from lib.imatrix import check_settings
     from lib.quants import quant_key
 
     if args.port_free:
@@ -58,6 +61,7 @@ def main() -> None:
     if args.port_only:
         return
     quant = quant_key(args.quant)
+    check_settings(quant, args.imatrix, args.calibration)
     check_base_model(args.base_model)
     ckpt = select_checkpoint(args.checkpoints_dir, args.checkpoint, args.fallback)
     base = args.base if (args.base / "config.json").exists() else None

@@ -160,6 +160,16 @@ def test_make_refuses_a_bad_quant_before_any_long_step(tmp_path):
     assert "training" not in proc.stdout and not (tmp_path / "out" / "base").exists()
 
 
+@pytest.mark.parametrize("setting, said", [
+    (("IMATRIX=of",), "IMATRIX=of: expected auto"),
+    (("QUANT=Q4_K_M", "CALIBRATION=nowhere.txt"), "calibration file nowhere.txt does not exist"),
+    (("QUANT=Q4_K_M+", "IMATRIX=off"), "it needs IMATRIX on")])
+def test_make_refuses_bad_importance_matrix_settings_before_any_long_step(tmp_path, setting, said):
+    proc = make(f"OUT={tmp_path}/out", *setting)
+    assert proc.returncode != 0 and said in proc.stderr, proc.stderr[-1500:]
+    assert "No rule to make target" not in proc.stderr and not (tmp_path / "out" / "base").exists()
+
+
 def test_make_with_own_base_and_no_checkpoint_stops(tiny_spm, tmp_path):
     (tmp_path / "ckpts").mkdir()
     proc = make(f"OUT={tmp_path}/out", f"BASE_MODEL={tiny_spm[0]}", f"CHECKPOINTS_DIR={tmp_path}/ckpts", "merge")

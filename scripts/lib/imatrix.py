@@ -38,6 +38,16 @@ def default_cache() -> Path:
     return Path(base) / "imatrix"
 
 
+def check_settings(key: str, imatrix: str, calibration: str | Path | None) -> None:
+    """IMATRIX, CALIBRATION and QUANT together, in one line each (make check runs this before anything long)."""
+    if imatrix not in ("auto", "off"):
+        raise UserError(f"IMATRIX={imatrix}: expected auto (an importance matrix for k-quant and IQ types) or off")
+    if imatrix == "off" and (key.endswith("+") or key == "auto"):
+        raise UserError(f"QUANT={key} plans the tensors by their importance-weighted error: it needs IMATRIX on")
+    if calibration and not Path(calibration).is_file():
+        raise UserError(f"calibration file {calibration} does not exist")
+
+
 @dataclass
 class Calibration:
     text: str
@@ -157,8 +167,7 @@ class Imatrix:
 
     @classmethod
     def from_args(cls, args, key: str, checkpoint: Path | None, logpath: Path) -> "Imatrix | None":
-        if args.imatrix == "off" and (key.endswith("+") or key == "auto"):
-            raise UserError(f"QUANT={key} plans the tensors by their importance-weighted error: it needs IMATRIX on")
+        check_settings(key, args.imatrix, args.calibration)
         if args.imatrix == "off" or not wants_imatrix(key):
             return None
         imatrix_bin = args.llama_cpp / "build" / "bin" / "llama-imatrix"
