@@ -150,6 +150,35 @@ def test_plan_keeps_the_size_and_beats_the_plain_type(k_quant_model, tmp_path):
     assert plan_kl < plain_kl
 
 
+@needs_llama_cpp
+def test_plan_measured_on_sampled_rows_equals_the_whole_model(k_quant_model, tmp_path, monkeypatch):
+    """The plan's --pure runs quantize a GGUF of only the sampled rows (an 8B model's six whole-model runs took
+    minutes); every row comes out as it does in the whole model, so the table (types, bytes, errors) is the same."""
+    import sys
+    sys.path.insert(0, str(LLAMA_CPP / "gguf-py"))
+    from lib import quant_plan
+    tmp = k_quant_model
+    quantize(tmp, tmp_path / "q.gguf")  # the importance matrix, cached
+    run_script("merge_gguf.py", "--base", tmp / "base", "--checkpoints-dir", tmp / "ckpts", "--out",
+               tmp_path / "f16.gguf", "--quant", "f16")
+    imatrix = next((tmp / "cache").glob("imatrix-*.gguf"))
+    monkeypatch.setattr(quant_plan, "SAMPLE_ROWS", 48)  # fewer than the tiny model's 256 rows
+    bin_ = LLAMA_CPP / "build" / "bin" / "llama-quantize"
+    sampled = quant_plan.measure_types(tmp_path / "f16.gguf", imatrix, bin_, tmp_path / "work", tmp_path / "q.log")
+    _, sample_tensors = read_gguf(tmp_path / "work" / "sample.gguf")
+    assert sample_tensors["blk.0.ffn_down.weight"].data.shape[0] == 48
+    whole = {}
+    for cand, ftype in quant_plan.CANDIDATES.items():
+        whole[cand] = tmp_path / f"whole.{cand}.gguf"
+        quant_plan.quantize(bin_, tmp_path / "f16.gguf", whole[cand], ftype, imatrix, tmp_path / "q.log", "--pure")
+    full = quant_plan.measure(tmp_path / "f16.gguf", whole, imatrix)
+    assert sampled.keys() == full.keys() and len(full) > 10
+    for name in full:
+        for cand, (ggml_type, n_bytes, err) in full[name].items():
+            assert sampled[name][cand][:2] == (ggml_type, n_bytes), name
+            assert sampled[name][cand][2] == pytest.approx(err, rel=1e-9), name
+
+
 def auto_table(stdout: str) -> dict[str, float]:
     return {m[0]: float(m[1]) for m in re.findall(r"^\| (\S+) \| [^|]+ \| ([\d.]+) \|", stdout, re.M)}
 

@@ -10,10 +10,13 @@ SwiGLU product and ffn_down for ffn_up and ffn_gate), summed. On SmolLM2 + the d
 order of the KL that putting each kind of tensor at q3_k costs with a rank correlation of 0.98 (0.64 without the
 gains; scripts/tools/plan_proxy_check.py, docs/quality.md).
 The quantized values are llama-quantize's own (one --pure run per candidate type, with the same importance
-matrix), read back with gguf-py, on an even sample of rows (blocks never span rows, so the sample is unbiased).
+matrix), on an even sample of rows of each tensor (blocks never span rows, so the sample is unbiased): the runs
+quantize a small GGUF of only those rows (sample_gguf), which gives the same bytes for them as the whole model
+would (k-quants quantize row by row with the per-column importance) at a fraction of the time, then gguf-py reads
+them back; a tensor's size in each type is its bytes per row times its rows.
 Then, from every tensor at its cheapest type, the upgrades that remove the most error per byte are taken
 greedily (on each tensor's lower convex hull of bytes against error) while the file stays within the size of
-the plain type (Q4_K_M's own file, made the same way), and llama-quantize writes the plan (--tensor-type-file).
+the plain type (Q4_K_M's own choice of types, read from its run on the sample), and llama-quantize writes the plan (--tensor-type-file).
 The plan goes into the GGUF as lora_ship.quant_plan (JSON) and into the log.
 """
 from __future__ import annotations
@@ -50,6 +53,25 @@ def importance(imatrix: Path) -> dict[str, np.ndarray]:
         if name.endswith(".in_sum2") and (counts := tensors.get(name[:-len(".in_sum2")] + ".counts")) is not None:
             out[name[:-len(".in_sum2")]] = (sums.reshape(-1) / max(float(counts.reshape(-1)[0]), 1.0))
     return out
+
+
+def n_rows_of(tensor) -> int:
+    return int(np.prod(tensor.shape[1:]))
+
+
+def sample_rows(n_rows: int) -> np.ndarray:
+    """The rows of an n_rows tensor whose error is measured: SAMPLE_ROWS evenly spread (all of a smaller one)."""
+    return np.unique(np.linspace(0, n_rows - 1, min(SAMPLE_ROWS, n_rows)).astype(np.int64))
+
+
+def sampled(tensor, rows: np.ndarray) -> np.ndarray:
+    """rows of a tensor from the whole model, or all of the same tensor in a sample_gguf file, as float32."""
+    return rows_of(tensor, rows if n_rows_of(tensor) > len(rows) else np.arange(len(rows)))
+
+
+def full_bytes(tensor, n_rows: int) -> int:
+    """A tensor's bytes in the whole model, from it or its sample (every row of a type has the same bytes)."""
+    return int(tensor.n_bytes) // n_rows_of(tensor) * n_rows
 
 
 def rows_of(tensor, rows: np.ndarray) -> np.ndarray:
@@ -109,13 +131,16 @@ class Gains:
         return ones
 
 
-def measure(f16: Path, pure: dict[str, Path], imatrix: Path) -> dict[str, dict[str, tuple[str, int, float]]]:
+def measure(f16: Path, pure: dict[str, Path], imatrix: Path,
+            sample: Path | None = None) -> dict[str, dict[str, tuple[str, int, float]]]:
     """{tensor: {candidate: (actual ggml type, bytes, error)}} for every quantized tensor: the importance-weighted
-    squared error of each output row, times the row's gain (Gains), summed."""
+    squared error of each output row, times the row's gain (Gains), summed. The pure files are quantized from f16
+    or from its sample_gguf (then given as sample)."""
     from gguf import GGUFReader
     weights = importance(imatrix)
     reader = GGUFReader(f16)
     ref = {t.name: t for t in reader.tensors}
+    src = {t.name: t for t in GGUFReader(sample).tensors} if sample else ref
     gains = Gains(ref, weights, *head_counts(reader))
     readers = {c: {t.name: t for t in GGUFReader(p).tensors} for c, p in pure.items()}
     table = {}
@@ -123,15 +148,15 @@ def measure(f16: Path, pure: dict[str, Path], imatrix: Path) -> dict[str, dict[s
         quantized = {c: r[name] for c, r in readers.items() if r[name].tensor_type.name not in ("F32", "F16", "BF16")}
         if len(t.shape) != 2 or not quantized:
             continue
-        n_rows = int(np.prod(t.shape[1:]))
-        rows = np.unique(np.linspace(0, n_rows - 1, min(SAMPLE_ROWS, n_rows)).astype(np.int64))
-        w = rows_of(t, rows)
+        n_rows = n_rows_of(t)
+        rows = sample_rows(n_rows)
+        w = sampled(src[name], rows)
         col_weight = weights.get(name)
         if col_weight is None or col_weight.shape[0] != w.shape[1]:  # token_embd: a lookup, no activations
             col_weight = np.ones(w.shape[1])
         row_gain = gains(name, rows, w, col_weight) * (n_rows / len(rows))
-        table[name] = {c: (q.tensor_type.name.lower(), int(q.n_bytes),
-                           float((((w - rows_of(q, rows)) ** 2) @ col_weight) @ row_gain))
+        table[name] = {c: (q.tensor_type.name.lower(), full_bytes(q, n_rows),
+                           float((((w - sampled(q, rows)) ** 2) @ col_weight) @ row_gain))
                        for c, q in quantized.items()}
     return table
 
@@ -170,19 +195,69 @@ def choose(table: dict, budget: int) -> dict[str, str]:
     return {name: hulls[name][i][0] for name, i in at.items()}
 
 
-def tensor_bytes(path: Path) -> dict[str, int]:
+def copy_gguf(src: Path, dst: Path, values: dict[str, str] | None = None, rows: bool = False) -> None:
+    """dst: src's keys, more string keys (values), and its tensors as they are, or (rows) only each matrix's
+    sample_rows (a file llama-quantize takes like the whole model: its types depend on names and columns)."""
+    import gguf
+    reader = gguf.GGUFReader(src)
+    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    writer = gguf.GGUFWriter(dst, arch=arch, endianess=reader.endianess)
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue
+        val_type = field.types[0]
+        sub_type = field.types[-1] if val_type == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), val_type, sub_type=sub_type)
+    for key, value in (values or {}).items():
+        writer.add_string(key, value)
+
+    def data(t):
+        if not rows or len(t.shape) != 2:
+            return t.data
+        picked = sample_rows(n_rows_of(t))
+        return np.asarray(t.data).reshape(-1, t.data.shape[-1])[picked]
+
+    for t in reader.tensors:
+        d = data(t)
+        writer.add_tensor_info(t.name, d.shape, d.dtype, d.nbytes, t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in reader.tensors:
+        writer.write_tensor_data(data(t))
+    writer.close()
+
+
+def add_metadata(src: Path, dst: Path, values: dict[str, str]) -> None:
+    """dst: src with more string keys (gguf-py copies the tensors as they are)."""
+    copy_gguf(src, dst, values)
+
+
+def tensor_bytes(path: Path, f16: Path) -> dict[str, int]:
+    """Each tensor's bytes in the whole model, from path (quantized from f16 or from its sample)."""
     from gguf import GGUFReader
-    return {t.name: int(t.n_bytes) for t in GGUFReader(path).tensors}
+    n_rows = {t.name: n_rows_of(t) for t in GGUFReader(f16).tensors}
+    return {t.name: full_bytes(t, n_rows[t.name]) for t in GGUFReader(path).tensors}
+
+
+def sample_gguf(f16: Path, work: Path) -> Path:
+    """work/sample.gguf (made once): f16 with only the measured rows of each matrix."""
+    sample = work / "sample.gguf"
+    if not sample.exists():
+        copy_gguf(f16, work / "sample.gguf.tmp", rows=True)
+        (work / "sample.gguf.tmp").rename(sample)
+    return sample
 
 
 def measure_types(f16: Path, imatrix: Path, quantize_bin: Path, work: Path, logpath: Path) -> dict:
-    """measure()'s table from one --pure llama-quantize run per candidate type (deleted afterwards)."""
+    """measure()'s table from one --pure llama-quantize run per candidate type on the sample (deleted afterwards)."""
     work.mkdir(parents=True, exist_ok=True)
+    sample = sample_gguf(f16, work)
     pure = {cand: work / f"pure.{cand}.gguf" for cand in CANDIDATES}
     try:
         for cand, ftype in CANDIDATES.items():
-            quantize(quantize_bin, f16, pure[cand], ftype, imatrix, logpath, "--pure")
-        return measure(f16, pure, imatrix)
+            quantize(quantize_bin, sample, pure[cand], ftype, imatrix, logpath, "--pure")
+        return measure(f16, pure, imatrix, sample)
     finally:
         for path in pure.values():
             path.unlink(missing_ok=True)
@@ -194,8 +269,8 @@ def make_plan(f16: Path, imatrix: Path, base: str, quantize_bin: Path, work: Pat
     where it was already made)."""
     work.mkdir(parents=True, exist_ok=True)
     plain = work / f"plain.{base}.gguf"
-    quantize(quantize_bin, f16, plain, base, imatrix, logpath)
-    plain_bytes = tensor_bytes(plain)
+    quantize(quantize_bin, sample_gguf(f16, work), plain, base, imatrix, logpath)
+    plain_bytes = tensor_bytes(plain, f16)
     plain.unlink()
     table = table or measure_types(f16, imatrix, quantize_bin, work, logpath)
     budget = sum(plain_bytes[n] for n in table)  # the planned tensors' bytes in the plain type
@@ -215,30 +290,6 @@ def summary(types: dict[str, str]) -> str:
 
 def write_type_file(plan: dict, path: Path) -> None:
     path.write_text("".join(f"^{name.replace('.', chr(92) + '.')}$={t}\n" for name, t in plan["types"].items()))
-
-
-def add_metadata(src: Path, dst: Path, values: dict[str, str]) -> None:
-    """dst: src with more string keys (gguf-py copies the tensors as they are)."""
-    import gguf
-    reader = gguf.GGUFReader(src)
-    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
-    writer = gguf.GGUFWriter(dst, arch=arch, endianess=reader.endianess)
-    for field in reader.fields.values():
-        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
-            continue
-        val_type = field.types[0]
-        sub_type = field.types[-1] if val_type == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), val_type, sub_type=sub_type)
-    for key, value in values.items():
-        writer.add_string(key, value)
-    for t in reader.tensors:
-        writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for t in reader.tensors:
-        writer.write_tensor_data(t.data)
-    writer.close()
 
 
 def quantize_with_plan(f16: Path, out: Path, key: str, imatrix: Path, quantize_bin: Path, logpath: Path,
