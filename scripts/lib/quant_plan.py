@@ -16,7 +16,8 @@ would (k-quants quantize row by row with the per-column importance) at a fractio
 them back; a tensor's size in each type is its bytes per row times its rows.
 Then, from every tensor at its cheapest type, the upgrades that remove the most error per byte are taken
 greedily (on each tensor's lower convex hull of bytes against error) while the file stays within the size of
-the plain type (Q4_K_M's own choice of types, read from its run on the sample), and llama-quantize writes the plan (--tensor-type-file).
+the plain type (Q4_K_M's own choice of types, read from its run on the sample), and llama-quantize writes the
+plan (--tensor-type-file).
 The plan goes into the GGUF as lora_ship.quant_plan (JSON) and into the log.
 """
 from __future__ import annotations
@@ -241,18 +242,20 @@ def tensor_bytes(path: Path, f16: Path) -> dict[str, int]:
 
 
 def sample_gguf(f16: Path, work: Path) -> Path:
-    """work/sample.gguf (made once): f16 with only the measured rows of each matrix."""
+    """work/sample.gguf, written afresh (a work folder left by a killed run may hold another model's): f16 with
+    only the measured rows of each matrix."""
     sample = work / "sample.gguf"
-    if not sample.exists():
-        copy_gguf(f16, work / "sample.gguf.tmp", rows=True)
-        (work / "sample.gguf.tmp").rename(sample)
+    copy_gguf(f16, work / "sample.gguf.tmp", rows=True)
+    (work / "sample.gguf.tmp").replace(sample)
     return sample
 
 
-def measure_types(f16: Path, imatrix: Path, quantize_bin: Path, work: Path, logpath: Path) -> dict:
-    """measure()'s table from one --pure llama-quantize run per candidate type on the sample (deleted afterwards)."""
+def measure_types(f16: Path, imatrix: Path, quantize_bin: Path, work: Path, logpath: Path,
+                  sample: Path | None = None) -> dict:
+    """measure()'s table from one --pure llama-quantize run per candidate type on f16's sample (sample_gguf's,
+    made here unless given; the runs deleted afterwards)."""
     work.mkdir(parents=True, exist_ok=True)
-    sample = sample_gguf(f16, work)
+    sample = sample or sample_gguf(f16, work)
     pure = {cand: work / f"pure.{cand}.gguf" for cand in CANDIDATES}
     try:
         for cand, ftype in CANDIDATES.items():
@@ -269,10 +272,11 @@ def make_plan(f16: Path, imatrix: Path, base: str, quantize_bin: Path, work: Pat
     where it was already made)."""
     work.mkdir(parents=True, exist_ok=True)
     plain = work / f"plain.{base}.gguf"
-    quantize(quantize_bin, sample_gguf(f16, work), plain, base, imatrix, logpath)
+    sample = sample_gguf(f16, work)
+    quantize(quantize_bin, sample, plain, base, imatrix, logpath)
     plain_bytes = tensor_bytes(plain, f16)
     plain.unlink()
-    table = table or measure_types(f16, imatrix, quantize_bin, work, logpath)
+    table = table or measure_types(f16, imatrix, quantize_bin, work, logpath, sample)
     budget = sum(plain_bytes[n] for n in table)  # the planned tensors' bytes in the plain type
     types = choose(table, budget)
     planned = sum(next(o[1] for o in table[n].values() if o[0] == t) for n, t in types.items())
