@@ -154,8 +154,6 @@ def test_plan_keeps_the_size_and_beats_the_plain_type(k_quant_model, tmp_path):
 def test_plan_measured_on_sampled_rows_equals_the_whole_model(k_quant_model, tmp_path, monkeypatch):
     """The plan's --pure runs quantize a GGUF of only the sampled rows (an 8B model's six whole-model runs took
     minutes); every row comes out as it does in the whole model, so the table (types, bytes, errors) is the same."""
-    import sys
-    sys.path.insert(0, str(LLAMA_CPP / "gguf-py"))
     from lib import quant_plan
     tmp = k_quant_model
     quantize(tmp, tmp_path / "q.gguf")  # the importance matrix, cached
