@@ -16,6 +16,7 @@ IMATRIX          ?= auto
 CALIBRATION      ?=
 MAX_KL           ?= 0.01
 MAX_SIZE         ?=
+PLAN_COST        ?= kl
 MERGE_METHOD     ?= streaming
 KEEP_MERGED      ?=
 HOST             ?= 127.0.0.1
@@ -64,7 +65,7 @@ BENCH_TENANTS    ?=
 PYTEST_ARGS      ?=
 PIPELINE_JOBS    ?= 3
 
-HELP_VARS := BASE_MODEL BASE_NAME CHECKPOINTS_DIR CHECKPOINT DATASET GUTENBERG_TXT QUANT IMATRIX CALIBRATION MAX_KL MAX_SIZE MERGE_METHOD HOST PORT API_KEY ADMIN_KEY KEYS_FILE TENANT \
+HELP_VARS := BASE_MODEL BASE_NAME CHECKPOINTS_DIR CHECKPOINT DATASET GUTENBERG_TXT QUANT IMATRIX CALIBRATION MAX_KL MAX_SIZE PLAN_COST MERGE_METHOD HOST PORT API_KEY ADMIN_KEY KEYS_FILE TENANT \
   ALLOW_NO_KEY OPEN ENGINE GPU_LAYERS CTX_SIZE PARALLEL MAX_TOKENS BACKEND_SAMPLING CACHE_RAM SERVER_ARGS REPLICAS REMOTE_REPLICAS BALANCER \
   PROMPT OUT VENV PYTHON TORCH_SPEC \
   LLAMA_CPP_COMMIT LLAMA_CPP_REPO LLAMA_CPP_PYTHON LLAMA_CPP_PYTHON_SHA256 LLAMA_BACKEND LLAMAFILE_VERSION LLAMAFILE_SHA256 \
@@ -191,7 +192,7 @@ write-if-changed = @mkdir -p $(@D); echo '$(1)' | cmp -s - $@ || echo '$(1)' > $
 # ---- inputs ----
 # QUANT, BASE_MODEL, the checkpoint and its fit to the base, checked in seconds before the long steps: in `make`
 # once the venv is in (the quick part, which needs none, ran first); the base and the merge wait for it
-QUANT_CHECK_ARGS = --imatrix "$(IMATRIX)" $(if $(CALIBRATION),--calibration "$(CALIBRATION)")
+QUANT_CHECK_ARGS = --imatrix "$(IMATRIX)" $(if $(CALIBRATION),--calibration "$(CALIBRATION)") --plan-cost "$(PLAN_COST)"
 check: | $(STAMP) ## check QUANT, BASE_MODEL, CHECKPOINT, the adapter's config, its fit to the base and the tokenizer files
 	@$(PY) scripts/check_inputs.py --quant "$(QUANT)" --base-model "$(BASE_MODEL)" $(MERGE_ARGS) $(QUANT_CHECK_ARGS)
 quick-check:
@@ -265,12 +266,13 @@ MERGE_ARGS = --base $(BASE_DIR) --checkpoints-dir $(CHECKPOINTS_DIR) $(if $(CHEC
 # CALIBRATION file that is not there is make check's one line, not make's "No rule" (hence $(wildcard) below)
 DATASET_GIVEN := $(filter command line environment override,$(origin DATASET))
 # QUANT=auto: the smallest candidate within MAX_KL on held-out text (or the closest within MAX_SIZE)
+# QUANT=Q4_K_M+ (and auto's plans): PLAN_COST=kl measures each group of tensors' KL; weights: far faster, blinder
 IMATRIX_ARGS = --imatrix $(IMATRIX) $(if $(CALIBRATION),--calibration "$(CALIBRATION)") \
-  $(if $(DATASET_GIVEN),--dataset "$(DATASET)") --imatrix-cache $(OUT)/imatrix \
+  $(if $(DATASET_GIVEN),--dataset "$(DATASET)") --imatrix-cache $(OUT)/imatrix --plan-cost $(PLAN_COST) \
   $(if $(filter auto,$(QUANT)),--max-kl $(MAX_KL) $(if $(MAX_SIZE),--max-size $(MAX_SIZE)))
 ifeq ($(filter $(CONVERTER_QUANTS),$(QUANT)),)
   MERGE_INPUTS += imatrix=$(IMATRIX) $(CALIBRATION) $(if $(DATASET_GIVEN),$(DATASET)) \
-    $(if $(filter auto,$(QUANT)),$(MAX_KL) $(MAX_SIZE))
+    $(if $(filter auto %+,$(QUANT)),plan=$(PLAN_COST)) $(if $(filter auto,$(QUANT)),$(MAX_KL) $(MAX_SIZE))
 endif
 
 $(MERGED)/config.json: $(BASE_DIR)/config.json $(CHECKPOINT_FILES) $(OUT)/.merge-inputs | $(STAMP) check

@@ -41,6 +41,7 @@ def main() -> None:
     add_checkpoint_args(p, Path("quantization/checkpoints"))
     p.add_argument("--imatrix", default="auto", help="IMATRIX: auto or off")
     p.add_argument("--calibration", default=None, help="CALIBRATION: a text or tales .jsonl file")
+    p.add_argument("--plan-cost", default="kl", help="PLAN_COST: kl or weights")
     p.add_argument("--quick", action="store_true", help="only what needs no installed package (no fit, no tokenizer)")
     p.add_argument("--port-free", metavar="HOST:PORT", help="the address to serve on must be free, or held by the "
                    "server of --pid-file")
@@ -61,7 +62,7 @@ def main() -> None:
     if args.port_only:
         return
     quant = quant_key(args.quant)
-    check_settings(quant, args.imatrix, args.calibration)
+    check_settings(quant, args.imatrix, args.calibration, args.plan_cost)
     check_base_model(args.base_model)
     ckpt = select_checkpoint(args.checkpoints_dir, args.checkpoint, args.fallback)
     base = args.base if (args.base / "config.json").exists() else None

@@ -82,8 +82,8 @@ def parse_perplexity(text: str) -> dict:
 def gguf_forms(args, ckpt: Path, text_file: Path, work: Path, n_chunks: int, logpath: Path) -> dict:
     """f16 (the reference) and each of --quants: converter types written by merge_gguf.py, llama-quantize types
     quantized from the f16 GGUF (NAME:imatrix with the importance matrix of the training split)."""
-    from lib.imatrix import choose_calibration, compute
-    from lib.quant_plan import quantize_with_plan
+    from lib.imatrix import calibration_file, choose_calibration, compute
+    from lib.quant_plan import plan_table, quantize_with_plan
     from lib.quants import CONVERTER_TYPES, PLAN_TYPES, quant_key
 
     bin_dir = args.llama_cpp / "build" / "bin"
@@ -95,7 +95,7 @@ def gguf_forms(args, ckpt: Path, text_file: Path, work: Path, n_chunks: int, log
             raise UserError(f"--quants {spec}: write TYPE or TYPE:imatrix")
         key = quant_key(quant)
         forms[f"{key} imatrix" if how else key] = work / f"model.{key}{'.imatrix' if how else ''}.gguf"
-    imatrix, plans = None, {}
+    imatrix, plans, table = None, {}, None
     for name, path in forms.items():
         key, _, how = name.partition(" ")
         if key in CONVERTER_TYPES:
@@ -105,13 +105,16 @@ def gguf_forms(args, ckpt: Path, text_file: Path, work: Path, n_chunks: int, log
             continue
         if (how or key in PLAN_TYPES) and imatrix is None:
             start = time.perf_counter()
-            imatrix = compute(forms["f16"], choose_calibration(None, args.dataset, ckpt), work / "imatrix",
-                              bin_dir / "llama-imatrix", logpath, args.imatrix_chunks)
+            calib = choose_calibration(None, args.dataset, ckpt)
+            imatrix = compute(forms["f16"], calib, work / "imatrix", bin_dir / "llama-imatrix", logpath,
+                              args.imatrix_chunks)
+            calibration = calibration_file(calib, work / "imatrix")
             log(f"importance matrix ready in {time.perf_counter() - start:.1f} s")
         log(f"GGUF {name} ...")
         start = time.perf_counter()
         if key in PLAN_TYPES:
-            plans[name] = quantize_with_plan(forms["f16"], path, key, imatrix, bin_dir / "llama-quantize", logpath)
+            table = table or plan_table(forms["f16"], imatrix, calibration, bin_dir, work / "plan", logpath)
+            plans[name] = quantize_with_plan(forms["f16"], path, key, imatrix, calibration, bin_dir, logpath, table)
         else:
             run_tool([bin_dir / "llama-quantize", *(["--imatrix", imatrix] if how else []), forms["f16"], path, key],
                      "llama-quantize", logpath)

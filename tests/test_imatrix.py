@@ -99,20 +99,50 @@ def test_imatrix_off_and_errors(k_quant_model, tmp_path):
 
 
 
-def test_plan_spends_the_budget_where_error_per_byte_is_highest():
-    from lib.quant_plan import choose, hull
-    # (type, bytes, error): "b" dominated (more bytes, more error than "a"), "c" off the hull (above a-d)
-    assert [o[0] for o in hull([("a", 10, 100.0), ("b", 12, 120.0), ("c", 15, 80.0), ("d", 20, 10.0)])] == ["a", "d"]
+def test_plan_takes_the_least_cost_within_the_budget():
+    from lib.quant_plan import choose
+    # (type, bytes, cost)
     table = {"big_gain": {"q4": ("q4_k", 100, 50.0), "q6": ("q6_k", 150, 10.0)},
              "small_gain": {"q4": ("q4_k", 100, 50.0), "q6": ("q6_k", 150, 40.0)},
              "dear": {"q4": ("q4_k", 1000, 500.0), "q6": ("q6_k", 1500, 0.0)}}
     assert choose(table, 1200) == {"big_gain": "q4_k", "small_gain": "q4_k", "dear": "q4_k"}
-    # 1 error per byte (dear) first, then 0.8 (big_gain), 0.2 (small_gain), each where it still fits
     assert choose(table, 1740) == {"big_gain": "q4_k", "small_gain": "q4_k", "dear": "q6_k"}
     assert choose(table, 1750) == {"big_gain": "q6_k", "small_gain": "q4_k", "dear": "q6_k"}
     assert choose(table, 1300) == {"big_gain": "q6_k", "small_gain": "q6_k", "dear": "q4_k"}
     with pytest.raises(Exception, match="do not fit"):
         choose(table, 1000)
+    # coarse steps: the best cost per byte first (small's 0.2) would leave no room for big's upgrade (0.1)
+    coarse = {"small": {"q4": ("q4_k", 100, 10.0), "q6": ("q6_k", 150, 0.0)},
+              "big": {"q4": ("q4_k", 1000, 100.0), "q6": ("q6_k", 1500, 50.0)}}
+    assert choose(coarse, 1600) == {"small": "q4_k", "big": "q6_k"}
+    assert choose(coarse, 1649) == {"small": "q4_k", "big": "q6_k"}
+    assert choose(coarse, 1650) == {"small": "q6_k", "big": "q6_k"}
+    # many tensors: the same least cost as trying every combination
+    import itertools
+    import random
+    rng = random.Random(0)
+    many = {f"t{i}": {c: (c, rng.randrange(50, 400), rng.random()) for c in ("a", "b", "c")} for i in range(7)}
+    budget = 1200
+    best = min((sum(many[n][c][2] for n, c in zip(many, combo)), combo)
+               for combo in itertools.product("abc", repeat=7)
+               if sum(many[n][c][1] for n, c in zip(many, combo)) <= budget)
+    assert choose(many, budget) == dict(zip(many, best[1]))
+
+
+def test_plan_cost_is_the_group_kl_shared_with_the_weight_error_deciding_ties():
+    from lib.quant_plan import calibrate, choose
+    table = {f"blk.{i}.attn_q.weight": {"q3_k": ("q4_0", 100, err), "q8_0": ("q8_0", 200, err / 100)}
+             for i, err in enumerate([5.0, 50.0, 20.0])}
+    table["token_embd.weight"] = {"q3_k": ("q4_0", 300, 1.0), "q8_0": ("q8_0", 600, 0.5)}
+    groups = {"attn_q": {"q3_k": 0.03, "q8_0": 0.0}, "token_embd": {"q3_k": 0.05, "q8_0": 0.0}}
+    costs = calibrate(table, groups)
+    assert costs["blk.0.attn_q.weight"]["q3_k"][2] == pytest.approx(0.01, rel=1e-3)  # a third of the group's KL
+    assert costs["token_embd.weight"]["q8_0"][2] == pytest.approx(0.0, abs=1e-6)
+    # room for one 100-byte upgrade in attn_q: the layer with the largest weight error
+    assert choose(costs, 700) == {"blk.0.attn_q.weight": "q4_0", "blk.1.attn_q.weight": "q8_0",
+                                  "blk.2.attn_q.weight": "q4_0", "token_embd.weight": "q4_0"}
+    # 300 bytes: the embedding's 0.05 beats all three attn_q layers' 0.03
+    assert choose(costs, 900)["token_embd.weight"] == "q8_0"
 
 
 def held_out_kl(tmp, f16, quantized: list) -> list[float]:
@@ -145,9 +175,27 @@ def test_plan_keeps_the_size_and_beats_the_plain_type(k_quant_model, tmp_path):
     assert abs(size / plain_size - 1) < 0.03
     run_script("merge_gguf.py", "--base", tmp / "base", "--checkpoints-dir", tmp / "ckpts", "--out",
                tmp_path / "f16.gguf", "--quant", "f16")
+    # its costs: KL measured on the calibration text (the training split) only
+    scored = [line for line in (tmp / "q.log").read_text().splitlines()
+              if line.startswith("$ ") and "llama-perplexity" in line]
+    assert len(scored) > 9 and all(f" -f {tmp / 'cache'}/grimm_stories-" in line for line in scored)
     plain_kl, plan_kl = held_out_kl(tmp_path, tmp_path / "f16.gguf", [tmp_path / "plain.gguf", tmp_path / "plan.gguf"])
     print(f"held-out KL: plain Q4_K_M {plain_kl:.5f}, plan {plan_kl:.5f}")
     assert plan_kl < plain_kl
+
+
+@needs_llama_cpp
+def test_plan_by_weight_error_alone_runs_no_model(k_quant_model, tmp_path):
+    """PLAN_COST=weights: the faster plan for large models, no llama-perplexity run."""
+    tmp = k_quant_model
+    log = tmp_path / "q.log"
+    run_script("merge_gguf.py", "--base", tmp / "base", "--checkpoints-dir", tmp / "ckpts", "--out",
+               tmp_path / "plan.gguf", "--quant", "Q4_K_M+", "--plan-cost", "weights", "--log", log,
+               "--imatrix-cache", tmp / "cache", "--imatrix-chunks", 4)
+    metadata, _ = read_gguf(tmp_path / "plan.gguf")
+    plan = json.loads(metadata["lora_ship.quant_plan"])
+    assert plan["base"] == "Q4_K_M" and plan["bytes"] <= plan["budget"] and len(set(plan["types"].values())) > 1
+    assert "llama-perplexity" not in log.read_text() and "llama-quantize" in log.read_text()
 
 
 @needs_llama_cpp

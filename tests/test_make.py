@@ -163,7 +163,8 @@ def test_make_refuses_a_bad_quant_before_any_long_step(tmp_path):
 @pytest.mark.parametrize("setting, said", [
     (("IMATRIX=of",), "IMATRIX=of: expected auto"),
     (("QUANT=Q4_K_M", "CALIBRATION=nowhere.txt"), "calibration file nowhere.txt does not exist"),
-    (("QUANT=Q4_K_M+", "IMATRIX=off"), "it needs IMATRIX on")])
+    (("QUANT=Q4_K_M+", "IMATRIX=off"), "it needs IMATRIX on"),
+    (("QUANT=Q4_K_M+", "PLAN_COST=kll"), "PLAN_COST=kll: expected kl")])
 def test_make_refuses_bad_importance_matrix_settings_before_any_long_step(tmp_path, setting, said):
     proc = make(f"OUT={tmp_path}/out", *setting)
     assert proc.returncode != 0 and said in proc.stderr, proc.stderr[-1500:]

@@ -38,8 +38,13 @@ def default_cache() -> Path:
     return Path(base) / "imatrix"
 
 
-def check_settings(key: str, imatrix: str, calibration: str | Path | None) -> None:
-    """IMATRIX, CALIBRATION and QUANT together, in one line each (make check runs this before anything long)."""
+def check_settings(key: str, imatrix: str, calibration: str | Path | None, plan_cost: str = "kl") -> None:
+    """IMATRIX, CALIBRATION, PLAN_COST and QUANT together, in one line each (make check runs this before anything
+    long)."""
+    from lib.quants import PLAN_COSTS
+    if plan_cost not in PLAN_COSTS:
+        raise UserError(f"PLAN_COST={plan_cost}: expected kl (each group of tensors' KL measured) or weights (the "
+                        f"weight error alone, faster)")
     if imatrix not in ("auto", "off"):
         raise UserError(f"IMATRIX={imatrix}: expected auto (an importance matrix for k-quant and IQ types) or off")
     if imatrix == "off" and (key.endswith("+") or key == "auto"):
@@ -126,6 +131,17 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def calibration_file(calib: Calibration, cache: Path) -> Path:
+    """The calibration text as a file in the cache (written once): llama-imatrix's input, and the text a plan's
+    costs are measured on (lib/quant_plan.py)."""
+    text_file = Path(cache) / f"{Path(calib.source).stem}-{calib.sha256[:16]}.txt"  # its name is what the GGUF records
+    if not text_file.exists():
+        text_file.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(text_file) as tmp:
+            tmp.write_text(calib.text, encoding="utf-8")
+    return text_file
+
+
 def compute(model: Path, calib: Calibration, cache: Path, imatrix_bin: Path, logpath: Path,
             chunks: int = MAX_CHUNKS) -> Path:
     """The importance matrix of `model` (a 16-bit GGUF) over the calibration text (its first `chunks` chunks of
@@ -136,13 +152,8 @@ def compute(model: Path, calib: Calibration, cache: Path, imatrix_bin: Path, log
     if out.exists():
         log(f"importance matrix: {out} (cached)")
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stem = Path(calib.source).stem
-    text_file = out.parent / f"{stem}-{calib.sha256[:16]}.txt"  # its name is what the GGUF records
-    if not text_file.exists():
-        with atomic_file(text_file) as tmp:
-            tmp.write_text(calib.text, encoding="utf-8")
-    log(f"computing the importance matrix over {stem} ...")
+    text_file = calibration_file(calib, cache)
+    log(f"computing the importance matrix over {Path(calib.source).stem} ...")
     with atomic_file(out) as tmp:
         try:
             run_tool([imatrix_bin, "-m", model, "-f", text_file, "-o", tmp, "--output-format", "gguf",
@@ -162,12 +173,14 @@ class Imatrix:
     Everything checkable is checked here, before the long merge: the tool is built, the text is readable and
     not empty."""
 
-    def __init__(self, calib: Calibration, cache: Path, imatrix_bin: Path, logpath: Path, chunks: int = MAX_CHUNKS):
+    def __init__(self, calib: Calibration, cache: Path, imatrix_bin: Path, logpath: Path, chunks: int = MAX_CHUNKS,
+                 plan_cost: str = "kl"):
         self.calib, self.cache, self.bin, self.logpath, self.chunks = calib, cache, imatrix_bin, logpath, chunks
+        self.plan_cost = plan_cost  # what the per-tensor plans made with this matrix minimize (lib/quant_plan.py)
 
     @classmethod
     def from_args(cls, args, key: str, checkpoint: Path | None, logpath: Path) -> "Imatrix | None":
-        check_settings(key, args.imatrix, args.calibration)
+        check_settings(key, args.imatrix, args.calibration, args.plan_cost)
         if args.imatrix == "off" or not wants_imatrix(key):
             return None
         imatrix_bin = args.llama_cpp / "build" / "bin" / "llama-imatrix"
@@ -176,10 +189,14 @@ class Imatrix:
         calib = choose_calibration(args.calibration, args.dataset, checkpoint, hold_out=key == "auto")
         if args.imatrix_chunks < 1:
             raise UserError(f"--imatrix-chunks must be at least 1, not {args.imatrix_chunks}")
-        return cls(calib, args.imatrix_cache or default_cache(), imatrix_bin, logpath, args.imatrix_chunks)
+        return cls(calib, args.imatrix_cache or default_cache(), imatrix_bin, logpath, args.imatrix_chunks,
+                   args.plan_cost)
 
     def __call__(self, model: Path) -> Path:
         return compute(model, self.calib, self.cache, self.bin, self.logpath, self.chunks)
+
+    def text_file(self) -> Path:
+        return calibration_file(self.calib, self.cache)
 
 
 def add_imatrix_args(p) -> None:
@@ -193,3 +210,8 @@ def add_imatrix_args(p) -> None:
                    f"of {CTX} tokens (default: %(default)s)")
     p.add_argument("--imatrix-cache", type=Path, help="folder of computed importance matrices (default: "
                    "~/.cache/lora-ship/imatrix)")
+    from lib.quants import PLAN_COSTS
+    p.add_argument("--plan-cost", default=PLAN_COSTS[0], help="Q4_K_M+ and the like: kl "
+                   "(default): each group of tensors' KL measured on the calibration text at each type; weights: "
+                   "the weight error alone (no model runs: far faster on a large model, but blind to a type that "
+                   "rounds the fine-tune away, docs/quality.md)")

@@ -48,10 +48,12 @@ def table_text(rows: list[dict], chosen: str | None) -> str:
     return "\n".join(lines)
 
 
-def choose_smallest(f16: Path, out: Path, imatrix: Path, held_out: str, bin_dir: Path, logpath: Path,
-                    max_kl: float | None, max_size: int | None, candidates=CANDIDATES) -> dict:
-    """Write the chosen candidate to out; return {"chosen", "max_kl", "max_size", "table"}."""
-    from lib.quant_plan import add_metadata, measure_types, plan_base, quantize_with_plan
+def choose_smallest(f16: Path, out: Path, imatrix: Path, calibration: Path, held_out: str, bin_dir: Path,
+                    logpath: Path,
+                    max_kl: float | None, max_size: int | None, candidates=CANDIDATES, plan_cost: str = "kl") -> dict:
+    """Write the chosen candidate to out; return {"chosen", "max_kl", "max_size", "table"}. calibration: the
+    importance matrix's text, on which the plans' costs are measured (never held_out)."""
+    from lib.quant_plan import add_metadata, plan_base, plan_table, quantize_with_plan
     work = out.with_name(out.name + ".auto")
     work.mkdir(parents=True, exist_ok=True)
     threads = os.cpu_count() or 1
@@ -67,8 +69,8 @@ def choose_smallest(f16: Path, out: Path, imatrix: Path, held_out: str, bin_dir:
         for quant in candidates:
             path = work / f"{quant}.gguf"
             if plan_base(quant):
-                table = table or measure_types(f16, imatrix, bin_dir / "llama-quantize", work, logpath)
-                quantize_with_plan(f16, path, quant, imatrix, bin_dir / "llama-quantize", logpath, table)
+                table = table or plan_table(f16, imatrix, calibration, bin_dir, work / "plan", logpath, plan_cost)
+                quantize_with_plan(f16, path, quant, imatrix, calibration, bin_dir, logpath, table)
             else:
                 run_tool([bin_dir / "llama-quantize", "--imatrix", imatrix, f16, path, quant, threads],
                          "llama-quantize", logpath)
@@ -115,12 +117,13 @@ class Auto:
         if not (self.bin_dir / "llama-perplexity").exists():
             raise UserError(f"{self.bin_dir / 'llama-perplexity'} not found: run 'make vendor'")
 
-    def __call__(self, f16: Path, out: Path, imatrix: Path, held_out: str) -> dict:
+    def __call__(self, f16: Path, out: Path, imatrix: Path, calibration: Path, held_out: str,
+                 plan_cost: str = "kl") -> dict:
         if len(held_out) < 4 * CTX * 2:
             raise UserError("QUANT=auto needs held-out text to score on: a tales .jsonl with held-out tales, or a "
                             "longer calibration text (its last fifth is held out)")
-        return choose_smallest(f16, out, imatrix, held_out, self.bin_dir, self.logpath, self.max_kl, self.max_size,
-                               self.candidates)
+        return choose_smallest(f16, out, imatrix, calibration, held_out, self.bin_dir, self.logpath, self.max_kl,
+                               self.max_size, self.candidates, plan_cost)
 
 
 def add_auto_args(p) -> None:

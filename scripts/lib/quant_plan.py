@@ -1,29 +1,34 @@
 """Per-tensor quantization plans (QUANT=Q4_K_M+): the bytes of a k-quant mix spent where they cost the least.
 
 llama.cpp's Q4_K_M gives most tensors Q4_K and a fixed set (attn_v, half of ffn_down, output) Q6_K, whatever
-the model. A plan instead measures, for every weight matrix and every candidate type (q3_k, q4_k, q5_k, q6_k,
-q8_0, or llama-quantize's fallback where the rows do not fit the type's blocks), the error the type makes where
-it matters: the importance-weighted squared error of each output row, sum_j imatrix_j (W_rj - Q_rj)^2, the
-expected squared error of that output E[((W - Q) x)_r^2] over the calibration activations x (imatrix_j = E[x_j^2]),
-times the row's gain on its way to the residual stream (Gains: through attn_output for attn_v, through the
-SwiGLU product and ffn_down for ffn_up and ffn_gate), summed. On SmolLM2 + the demo adapter this predicts the
-order of the KL that putting each kind of tensor at q3_k costs with a rank correlation of 0.98 (0.64 without the
-gains; scripts/tools/plan_proxy_check.py, docs/quality.md).
-The quantized values are llama-quantize's own (one --pure run per candidate type, with the same importance
-matrix), on an even sample of rows of each tensor (blocks never span rows, so the sample is unbiased): the runs
-quantize a small GGUF of only those rows (sample_gguf), which gives the same bytes for them as the whole model
-would (k-quants quantize row by row with the per-column importance) at a fraction of the time, then gguf-py reads
-them back; a tensor's size in each type is its bytes per row times its rows.
-Then, from every tensor at its cheapest type, the upgrades that remove the most error per byte are taken
-greedily (on each tensor's lower convex hull of bytes against error) while the file stays within the size of
-the plain type (Q4_K_M's own choice of types, read from its run on the sample), and llama-quantize writes the
-plan (--tensor-type-file).
-The plan goes into the GGUF as lora_ship.quant_plan (JSON) and into the log.
+the model. A plan instead measures what each candidate type (q3_k, q4_k, q5_k, q6_k, q8_0, or llama-quantize's
+fallback where the rows do not fit the type's blocks) costs each group of tensors (one kind in every layer:
+attn_q, ..., ffn_down; token_embd; output), as the KL the model's next-token distribution moves by:
+llama-quantize makes the model with that group at that type and every other matrix at q8_0, and llama-perplexity
+--kl-divergence scores it against the f16 model on the calibration text (KL_CHUNKS chunks of it; the text the
+importance matrix was computed on, never the held-out text that QUANT=auto and make eval score on).
+Why measured and not predicted from the weights: a fine-tune's change to a weight is far below the rounding step
+of every type (below q8_0's on SmolLM2), yet moves the output a lot, because it points where the output is
+sensitive; rounding noise points anywhere. A type that rounds the change away costs much more than its weight
+error says. That happens where the base's weights already lie on a quantization grid (a base that came from a
+GGUF, as the embedded SmolLM2 does, from Q4_1): a type whose grid holds that grid (q5_1 here) puts the base's
+weights back exactly and the fine-tune's change with them. The importance-weighted weight error (measure(), the
+plan's first version) ranked q5_1 best on every tensor of such a base and made a plan worse than the plain type
+on an adapter of all seven projections (docs/quality.md); the measured KL does not have this blind spot.
+A group's KL is shared evenly by its tensors (one type per group, except where the budget runs out inside a
+group: there the tensors with the larger weight error go up first, as wherever the KL cannot tell types apart). Each tensor's size in each type comes from
+one --pure run per candidate on a GGUF of an even sample of rows of each matrix (sample_gguf; blocks never span
+rows, so those rows come out as in the whole model).
+Then the types of least total KL whose bytes stay within the size of the plain type (Q4_K_M's own choice of
+types, read from its run on the sample) are found exactly (choose()), and llama-quantize writes the plan
+(--tensor-type-file). The plan goes into the GGUF as lora_ship.quant_plan (JSON) and into the log.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +37,7 @@ from lib.common import UserError, log, run_tool
 
 CANDIDATES = {"q3_k": "Q3_K_S", "q4_k": "Q4_K_S", "q5_k": "Q5_K_S", "q6_k": "Q6_K", "q8_0": "Q8_0"}  # --pure ftypes
 SAMPLE_ROWS = 256  # rows of each tensor whose error is measured
+KL_CHUNKS = 4  # chunks of the calibration text each group's KL is measured on
 PLAN_KEY = "lora_ship.quant_plan"
 
 
@@ -162,38 +168,92 @@ def measure(f16: Path, pure: dict[str, Path], imatrix: Path,
     return table
 
 
-def hull(options: list[tuple[str, int, float]]) -> list[tuple[str, int, float]]:
-    """The lower convex hull of (bytes, error), cheapest first: the types worth their bytes, in order."""
-    pts = []
-    for o in sorted(set(options), key=lambda o: (o[1], o[2])):
-        if pts and o[2] >= pts[-1][2]:  # more bytes, no less error
-            continue
-        while len(pts) >= 2 and (pts[-1][2] - o[2]) * (pts[-1][1] - pts[-2][1]) >= \
-                (pts[-2][2] - pts[-1][2]) * (o[1] - pts[-1][1]):
-            pts.pop()
-        pts.append(o)
-    return pts
-
-
 def choose(table: dict, budget: int) -> dict[str, str]:
-    """{tensor: ggml type} with the sum of bytes within budget and the most error removed per byte."""
-    hulls = {name: hull(list(opts.values())) for name, opts in table.items()}
-    at = {name: 0 for name in hulls}
-    total = sum(h[0][1] for h in hulls.values())
-    if total > budget:
-        raise UserError(f"the tensors do not fit {budget} bytes even at their smallest candidate types")
-    steps = []  # every hull segment by its error removed per byte; a tensor's own segments come in hull order
-    for name, h in hulls.items():
-        for i in range(1, len(h)):
-            steps.append(((h[i - 1][2] - h[i][2]) / (h[i][1] - h[i - 1][1]), name, i))
-    for _, name, i in sorted(steps, key=lambda s: -s[0]):
-        h = hulls[name]
-        if at[name] != i - 1:
-            continue  # an earlier segment of this tensor did not fit
-        extra = h[i][1] - h[i - 1][1]
-        if total + extra <= budget:
-            at[name], total = i, total + extra
-    return {name: hulls[name][i][0] for name, i in at.items()}
+    """{tensor: ggml type} with the least total cost whose bytes fit the budget. Exact: after each tensor only
+    the choices so far that no other beats on both bytes and cost are kept (the Pareto front; a few thousand
+    on a 30-layer model), then the cheapest is traced back. A greedy by cost per byte leaves bytes unspent
+    where steps are coarse (an embedding that is most of a small model)."""
+    names = list(table)
+    options = [list(table[name].values()) for name in names]
+    nbytes, cost, trail = np.zeros(1, np.int64), np.zeros(1), []
+    for opts in options:
+        b = (nbytes[:, None] + np.array([o[1] for o in opts], np.int64)[None, :]).ravel()
+        c = (cost[:, None] + np.array([o[2] for o in opts], np.float64)[None, :]).ravel()
+        fits = np.nonzero(b <= budget)[0]
+        if not len(fits):
+            raise UserError(f"the tensors do not fit {budget} bytes even at their smallest candidate types")
+        order = fits[np.lexsort((c[fits], b[fits]))]  # by bytes, then cost
+        cheaper_before = np.minimum.accumulate(np.concatenate(([np.inf], c[order][:-1])))
+        front = order[c[order] < cheaper_before]  # less cost than every choice of fewer bytes
+        trail.append(front)
+        nbytes, cost = b[front], c[front]
+    at, types = int(np.argmin(cost)), {}
+    for name, opts, front in zip(reversed(names), reversed(options), reversed(trail)):
+        at, pick = divmod(int(front[at]), len(opts))
+        types[name] = opts[pick][0]
+    return {name: types[name] for name in names}
+
+
+def group_of(name: str) -> str:
+    """A tensor's group: its kind, the same in every layer (blk.3.attn_q.weight: attn_q)."""
+    return re.sub(r"^blk\.\d+\.", "", name).removesuffix(".weight")
+
+
+def measure_groups(f16: Path, imatrix: Path, table: dict, text: Path, bin_dir: Path, work: Path,
+                   logpath: Path, chunks: int = KL_CHUNKS) -> dict[str, dict[str, float]]:
+    """{group: {candidate: KL increase}}: the mean KL to f16 on `text` of the model with that group at the
+    candidate's types (table's) and every other matrix at q8_0, less that of the model all at q8_0 (0 at least:
+    below that it is noise)."""
+    from lib.quant_auto import CTX, mean_kl
+    work.mkdir(parents=True, exist_ok=True)
+    threads = os.cpu_count() or 1
+    common = ["-f", text, "--ctx-size", CTX, "--batch-size", CTX, "--chunks", chunks, "--threads", threads,
+              "--kl-divergence-base", work / "f16.kld"]
+    run_tool([bin_dir / "llama-perplexity", "-m", f16, *common], "llama-perplexity", logpath)
+    model, type_file = work / "group.gguf", work / "group-types.txt"
+    all_q8 = {name: "q8_0" for name in table}
+
+    def kl(types: dict[str, str]) -> float:
+        write_type_file({"types": types}, type_file)
+        quantize(bin_dir / "llama-quantize", f16, model, "Q8_0", imatrix, logpath, "--tensor-type-file", type_file)
+        return mean_kl(bin_dir / "llama-perplexity", model, common, logpath)[0]
+
+    groups: dict[str, dict[str, float]] = {}
+    for name in table:
+        groups.setdefault(group_of(name), {})
+    log(f"plan: measuring the KL of {len(groups)} groups of tensors at {len(CANDIDATES) - 1} types each "
+        f"(llama-quantize + llama-perplexity on {chunks} chunks of the calibration text)")
+    try:
+        floor = kl(all_q8)
+        for group, costs in groups.items():
+            members = [n for n in table if group_of(n) == group]
+            for cand in CANDIDATES:
+                types = {n: table[n][cand][0] for n in members}
+                if all(t == "q8_0" for t in types.values()):
+                    costs[cand] = 0.0  # the candidate falls back to q8_0 for these rows (q6_k on 576-wide ones)
+                    continue
+                costs[cand] = max(kl({**all_q8, **types}) - floor, 0.0)
+            log(f"  {group}: KL " + ", ".join(f"{c} {v:.5f}" for c, v in costs.items()))
+    finally:
+        for path in (model, type_file, work / "f16.kld"):
+            path.unlink(missing_ok=True)
+    return groups
+
+
+def calibrate(table: dict, groups: dict[str, dict[str, float]]) -> dict:
+    """table with each option's cost the KL its group measured, shared evenly by the group's tensors, plus its
+    weight error scaled far below any KL difference measured: where the KL cannot tell two options apart (both
+    measured within noise of q8_0, or tensors of one group), the weight error decides, and bytes the KL does
+    not want are still spent."""
+    sizes: dict[str, int] = {}
+    for name in table:
+        sizes[group_of(name)] = sizes.get(group_of(name), 0) + 1
+    kl = {name: {c: groups[group_of(name)][c] / sizes[group_of(name)] for c in opts} for name, opts in table.items()}
+    steps = [abs(a - b) for costs in kl.values() for a in costs.values() for b in costs.values() if a != b]
+    most = max((o[2] for opts in table.values() for o in opts.values()), default=0.0) * len(table)
+    scale = 1e-3 * min(steps, default=1.0) / most if most > 0 else 0.0
+    return {name: {c: (t, b, kl[name][c] + scale * err) for c, (t, b, err) in opts.items()}
+            for name, opts in table.items()}
 
 
 def copy_gguf(src: Path, dst: Path, values: dict[str, str] | None = None, rows: bool = False) -> None:
@@ -266,17 +326,28 @@ def measure_types(f16: Path, imatrix: Path, quantize_bin: Path, work: Path, logp
             path.unlink(missing_ok=True)
 
 
-def make_plan(f16: Path, imatrix: Path, base: str, quantize_bin: Path, work: Path, logpath: Path,
-              table: dict | None = None) -> dict:
-    """The plan for `base`'s size: {"base", "bytes", "budget", "types": {tensor: type}} (table: measure_types()'s,
-    where it was already made)."""
+def plan_table(f16: Path, imatrix: Path, text: Path, bin_dir: Path, work: Path, logpath: Path,
+               cost: str = "kl") -> dict:
+    """{tensor: {candidate: (type, bytes, cost)}}, what a plan chooses from (shared by the plans QUANT=auto
+    tries): cost "kl", calibrate()'s; "weights", measure()'s weight error."""
+    start = time.perf_counter()
+    table = measure_types(f16, imatrix, bin_dir / "llama-quantize", work, logpath)
+    if cost == "kl":
+        table = calibrate(table, measure_groups(f16, imatrix, table, text, bin_dir, work, logpath))
+    log(f"plan: costs measured in {time.perf_counter() - start:.0f} s")
+    return table
+
+
+def make_plan(f16: Path, imatrix: Path, base: str, table: dict, quantize_bin: Path, work: Path,
+              logpath: Path) -> dict:
+    """The plan for `base`'s size from plan_table()'s table: {"base", "bytes", "budget", "types": {tensor: type}}."""
     work.mkdir(parents=True, exist_ok=True)
     plain = work / f"plain.{base}.gguf"
     sample = sample_gguf(f16, work)
     quantize(quantize_bin, sample, plain, base, imatrix, logpath)
     plain_bytes = tensor_bytes(plain, f16)
     plain.unlink()
-    table = table or measure_types(f16, imatrix, quantize_bin, work, logpath, sample)
+    sample.unlink()
     budget = sum(plain_bytes[n] for n in table)  # the planned tensors' bytes in the plain type
     types = choose(table, budget)
     planned = sum(next(o[1] for o in table[n].values() if o[0] == t) for n, t in types.items())
@@ -296,13 +367,16 @@ def write_type_file(plan: dict, path: Path) -> None:
     path.write_text("".join(f"^{name.replace('.', chr(92) + '.')}$={t}\n" for name, t in plan["types"].items()))
 
 
-def quantize_with_plan(f16: Path, out: Path, key: str, imatrix: Path, quantize_bin: Path, logpath: Path,
-                       table: dict | None = None) -> dict:
-    """Quantize f16 into out by the plan for plan_base(key)'s size; return the plan."""
+def quantize_with_plan(f16: Path, out: Path, key: str, imatrix: Path, text: Path, bin_dir: Path, logpath: Path,
+                       table: dict | None = None, cost: str = "kl") -> dict:
+    """Quantize f16 into out by the plan for plan_base(key)'s size, its costs measured on the calibration text
+    (table: plan_table()'s, where it was already made); return the plan."""
     base = plan_base(key)
     work = out.with_name(out.name + ".plan")
+    quantize_bin = bin_dir / "llama-quantize"
     try:
-        plan = make_plan(f16, imatrix, base, quantize_bin, work, logpath, table)
+        table = table or plan_table(f16, imatrix, text, bin_dir, work, logpath, cost)
+        plan = make_plan(f16, imatrix, base, table, quantize_bin, work, logpath)
         type_file = work / "tensor-types.txt"
         write_type_file(plan, type_file)
         mid = work / "planned.gguf"

@@ -17,6 +17,10 @@ QUANTIZE_TYPES = {  # llama-quantize types, with approximate bytes per weight fo
 PLAN_TYPES = {f"{k}+": v for k, v in QUANTIZE_TYPES.items() if k[:2] in ("Q3", "Q4", "Q5") and "_K_" in k}
 QUANTIZE_TYPES.update(PLAN_TYPES)
 QUANTIZE_TYPES["auto"] = 34 / 32  # the smallest candidate within MAX_KL (lib/quant_auto.py): at most q8_0
+# what a plan minimizes (PLAN_COST): the KL of each group of tensors measured on the calibration text (default), or
+# the weight error alone (no model runs, far faster on a large model, but blind to a type that rounds the
+# fine-tune away: lib/quant_plan.py, docs/quality.md)
+PLAN_COSTS = ("kl", "weights")
 
 
 def via_16bit(write_16bit, key: str, out: Path, quantize: Path, logpath: Path, imatrix=None, auto=None) -> None:
@@ -27,11 +31,12 @@ def via_16bit(write_16bit, key: str, out: Path, quantize: Path, logpath: Path, i
     try:
         write_16bit(mid)
         if key == "auto":
-            auto(mid, out, imatrix(mid), imatrix.calib.held_out)
+            auto(mid, out, imatrix(mid), imatrix.text_file(), imatrix.calib.held_out, imatrix.plan_cost)
             return
         if key in PLAN_TYPES:
             from lib.quant_plan import quantize_with_plan
-            quantize_with_plan(mid, out, key, imatrix(mid), quantize, logpath)
+            quantize_with_plan(mid, out, key, imatrix(mid), imatrix.text_file(), quantize.parent, logpath,
+                               cost=imatrix.plan_cost)
             return
         extra = ["--imatrix", imatrix(mid)] if imatrix is not None else []
         run_tool([quantize, *extra, mid, out, key, os.cpu_count() or 1], "llama-quantize", logpath)

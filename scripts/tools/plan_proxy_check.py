@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Does the per-tensor plan's cost (lib/quant_plan.py: importance-weighted squared error) rank tensors as the true
-KL does? For each group of tensors (one kind in every layer: attn_q, ..., ffn_down, token_embd), the model is
+"""Does the importance-weighted squared weight error (lib/quant_plan.py's measure(): the plan's first cost, now
+only its tie-break inside a group) rank tensors as the true KL does? For each group of tensors (one kind in every layer: attn_q, ..., ffn_down, token_embd), the model is
 quantized with that group at --low (q3_k, or its fallback) and everything else at q8_0; its mean KL to the f16
 GGUF on held-out text (llama-perplexity) is set beside the plan's predicted error increase for the group, and
 the rank correlation of the two is printed (1: the same order).
@@ -19,11 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # scripts/, for lib and eval_quality
 from eval_quality import parse_perplexity  # noqa: E402
 from lib.common import ROOT, UserError, log, run_main, run_tool  # noqa: E402
-from lib.quant_plan import CANDIDATES, measure  # noqa: E402
-
-
-def group_of(name: str) -> str:
-    return re.sub(r"^blk\.\d+\.", "", name).removesuffix(".weight")
+from lib.quant_plan import CANDIDATES, group_of, measure  # noqa: E402
 
 
 def ranks(values: list[float]) -> list[float]:
