@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -190,11 +191,18 @@ def chart(results: dict, path: Path) -> None:
     left.barh(names, [results[n]["ppl"] for n in names], color=["C0" if "HF" in n else "C1" for n in names])
     left.set_xlabel("perplexity on held-out tales (lower is better)")
     left.invert_yaxis()
-    for n in names:
-        if "kl" in results[n]:
-            right.scatter(results[n]["bytes"] / 2**20, max(results[n]["kl"], 1e-7), color="C0" if "HF" in n else "C1")
-            right.annotate(n, (results[n]["bytes"] / 2**20, max(results[n]["kl"], 1e-7)), fontsize=8,
-                           xytext=(4, 4), textcoords="offset points")
+    # labels of forms of about one size and KL would overprint: each goes at least a line (LINE decades) above
+    # the last label near it (within a label's width, about 35 MiB here), with a thin line to its point
+    points = [(results[n]["bytes"] / 2**20, max(results[n]["kl"], 1e-7), n) for n in names if "kl" in results[n]]
+    line, labels = 0.17, []  # (MiB, log10 of the label's height)
+    for mib, kl, n in sorted(points, key=lambda p: p[1]):
+        right.scatter(mib, kl, color="C0" if "HF" in n else "C1")
+        at = max([y + line for x, y in labels if abs(x - mib) < 35 and y > math.log10(kl) - line],
+                 default=math.log10(kl))
+        labels.append((mib, at))
+        moved = at > math.log10(kl) + 1e-9
+        right.annotate(n, (mib, kl), xytext=(mib + 2, 10 ** at), fontsize=8, va="center",
+                       arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.6"} if moved else None)
     right.set_yscale("log")
     right.set_xlabel("size (MiB)")
     right.set_ylabel("mean KL vs 16-bit merged (nats, log)")
