@@ -95,6 +95,11 @@ def test_imatrix_off_and_errors(k_quant_model, tmp_path):
     (fake / "build" / "bin" / "llama-quantize").symlink_to(LLAMA_CPP / "build" / "bin" / "llama-quantize")
     proc = quantize(tmp, tmp_path / "x.gguf", "--llama-cpp", fake, check=False)
     assert proc.returncode == 1 and "llama-imatrix not found" in error_line(proc) and "IMATRIX=off" in error_line(proc)
+    # and one without llama-perplexity: a plan by KL cannot score, said before the merge
+    (fake / "build" / "bin" / "llama-imatrix").symlink_to(LLAMA_CPP / "build" / "bin" / "llama-imatrix")
+    proc = quantize(tmp, tmp_path / "x.gguf", "--llama-cpp", fake, "--quant", "Q4_K_M+", check=False)
+    assert proc.returncode == 1 and "llama-perplexity not found" in error_line(proc)
+    assert "PLAN_COST=weights" in error_line(proc) and "merging" not in proc.stdout
     assert not list(tmp_path.glob("x.gguf*"))
 
 

@@ -186,6 +186,9 @@ class Imatrix:
         imatrix_bin = args.llama_cpp / "build" / "bin" / "llama-imatrix"
         if not imatrix_bin.exists():
             raise UserError(f"{imatrix_bin} not found: run 'make vendor' (or IMATRIX=off)")
+        scorer = imatrix_bin.with_name("llama-perplexity")  # a plan's KL costs (QUANT=auto needs it anyway)
+        if key.endswith("+") and args.plan_cost == "kl" and not scorer.exists():
+            raise UserError(f"{scorer} not found: run 'make vendor' (or PLAN_COST=weights)")
         calib = choose_calibration(args.calibration, args.dataset, checkpoint, hold_out=key == "auto")
         if args.imatrix_chunks < 1:
             raise UserError(f"--imatrix-chunks must be at least 1, not {args.imatrix_chunks}")
