@@ -191,7 +191,7 @@ def chart(results: dict, path: Path) -> None:
     left.barh(names, [results[n]["ppl"] for n in names], color=["C0" if "HF" in n else "C1" for n in names])
     left.set_xlabel("perplexity on held-out tales (lower is better)")
     left.invert_yaxis()
-    # labels of forms of about one size and KL would overprint: each goes at least a line (LINE decades) above
+    # labels of forms of about one size and KL would overprint: each goes at least a line (`line` decades) above
     # the last label near it (within a label's width, about 35 MiB here), with a thin line to its point
     points = [(results[n]["bytes"] / 2**20, max(results[n]["kl"], 1e-7), n) for n in names if "kl" in results[n]]
     line, labels = 0.17, []  # (MiB, log10 of the label's height)

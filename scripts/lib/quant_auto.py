@@ -49,8 +49,8 @@ def table_text(rows: list[dict], chosen: str | None) -> str:
 
 
 def choose_smallest(f16: Path, out: Path, imatrix: Path, calibration: Path, held_out: str, bin_dir: Path,
-                    logpath: Path,
-                    max_kl: float | None, max_size: int | None, candidates=CANDIDATES, plan_cost: str = "kl") -> dict:
+                    logpath: Path, max_kl: float | None, max_size: int | None, candidates=CANDIDATES,
+                    plan_cost: str = "kl") -> dict:
     """Write the chosen candidate to out; return {"chosen", "max_kl", "max_size", "table"}. calibration: the
     importance matrix's text, on which the plans' costs are measured (never held_out)."""
     from lib.quant_plan import add_metadata, plan_base, plan_table, quantize_with_plan

@@ -334,6 +334,7 @@ def plan_table(f16: Path, imatrix: Path, text: Path, bin_dir: Path, work: Path, 
     table = measure_types(f16, imatrix, bin_dir / "llama-quantize", work, logpath)
     if cost == "kl":
         table = calibrate(table, measure_groups(f16, imatrix, table, text, bin_dir, work, logpath))
+    (work / "sample.gguf").unlink(missing_ok=True)  # measure_types' row sample; make_plan writes its own
     log(f"plan: costs measured in {time.perf_counter() - start:.0f} s")
     return table
 
