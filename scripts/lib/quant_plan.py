@@ -16,15 +16,16 @@ weights back exactly and the fine-tune's change with them. The importance-weight
 plan's first version) ranked q5_1 best on every tensor of such a base and made a plan worse than the plain type
 on an adapter of all seven projections (docs/quality.md); the measured KL does not have this blind spot.
 A group's KL is shared evenly by its tensors (one type per group, except where the budget runs out inside a
-group: there the tensors with the larger weight error go up first, as wherever the KL cannot tell types apart). Each tensor's size in each type comes from
-one --pure run per candidate on a GGUF of an even sample of rows of each matrix (sample_gguf; blocks never span
-rows, so those rows come out as in the whole model).
+group: there the tensors with the larger weight error go up first, as wherever the KL cannot tell types apart).
+Each tensor's size in each type comes from one --pure run per candidate on a GGUF of an even sample of rows of
+each matrix (sample_gguf; blocks never span rows, so those rows come out as in the whole model).
 Then the types of least total KL whose bytes stay within the size of the plain type (Q4_K_M's own choice of
 types, read from its run on the sample) are found exactly (choose()), and llama-quantize writes the plan
 (--tensor-type-file). The plan goes into the GGUF as lora_ship.quant_plan (JSON) and into the log.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -201,9 +202,9 @@ def group_of(name: str) -> str:
 
 def measure_groups(f16: Path, imatrix: Path, table: dict, text: Path, bin_dir: Path, work: Path,
                    logpath: Path, chunks: int = KL_CHUNKS) -> dict[str, dict[str, float]]:
-    """{group: {candidate: KL increase}}: the mean KL to f16 on `text` of the model with that group at the
-    candidate's types (table's) and every other matrix at q8_0, less that of the model all at q8_0 (0 at least:
-    below that it is noise)."""
+    """{group: {candidate: KL increase}} for the table's candidates: the mean KL to f16 on `text` of the model
+    with that group at the candidate's types (table's) and every other matrix at q8_0, less that of the model all
+    at q8_0 (as measured: below 0 is noise)."""
     from lib.quant_auto import CTX, mean_kl
     work.mkdir(parents=True, exist_ok=True)
     threads = os.cpu_count() or 1
@@ -221,18 +222,20 @@ def measure_groups(f16: Path, imatrix: Path, table: dict, text: Path, bin_dir: P
     groups: dict[str, dict[str, float]] = {}
     for name in table:
         groups.setdefault(group_of(name), {})
-    log(f"plan: measuring the KL of {len(groups)} groups of tensors at {len(CANDIDATES) - 1} types each "
-        f"(llama-quantize + llama-perplexity on {chunks} chunks of the calibration text)")
+    candidates = list(next(iter(table.values())))
+    log(f"plan: measuring the KL of {len(groups)} groups of tensors at {len(candidates) - 1} types each "
+        f"(llama-quantize + llama-perplexity on {chunks} chunks of {text.name})")
     try:
         floor = kl(all_q8)
+        log(f"  every matrix at q8_0: KL {floor:.5f}")
         for group, costs in groups.items():
             members = [n for n in table if group_of(n) == group]
-            for cand in CANDIDATES:
+            for cand in candidates:
                 types = {n: table[n][cand][0] for n in members}
                 if all(t == "q8_0" for t in types.values()):
                     costs[cand] = 0.0  # the candidate falls back to q8_0 for these rows (q6_k on 576-wide ones)
                     continue
-                costs[cand] = max(kl({**all_q8, **types}) - floor, 0.0)
+                costs[cand] = kl({**all_q8, **types}) - floor
             log(f"  {group}: KL " + ", ".join(f"{c} {v:.5f}" for c, v in costs.items()))
     finally:
         for path in (model, type_file, work / "f16.kld"):
@@ -248,7 +251,8 @@ def calibrate(table: dict, groups: dict[str, dict[str, float]]) -> dict:
     sizes: dict[str, int] = {}
     for name in table:
         sizes[group_of(name)] = sizes.get(group_of(name), 0) + 1
-    kl = {name: {c: groups[group_of(name)][c] / sizes[group_of(name)] for c in opts} for name, opts in table.items()}
+    kl = {name: {c: max(groups[group_of(name)][c], 0.0) / sizes[group_of(name)] for c in opts}  # below 0: noise
+          for name, opts in table.items()}
     steps = [abs(a - b) for costs in kl.values() for a in costs.values() for b in costs.values() if a != b]
     most = max((o[2] for opts in table.values() for o in opts.values()), default=0.0) * len(table)
     scale = 1e-3 * min(steps, default=1.0) / most if most > 0 else 0.0
@@ -301,6 +305,19 @@ def tensor_bytes(path: Path, f16: Path) -> dict[str, int]:
     return {t.name: full_bytes(t, n_rows[t.name]) for t in GGUFReader(path).tensors}
 
 
+@contextlib.contextmanager
+def row_sample(f16: Path, work: Path, sample: Path | None = None):
+    """sample where given (its maker deletes it), else a sample_gguf of f16 deleted afterwards."""
+    if sample is not None:
+        yield sample
+        return
+    made = sample_gguf(f16, work)
+    try:
+        yield made
+    finally:
+        made.unlink(missing_ok=True)
+
+
 def sample_gguf(f16: Path, work: Path) -> Path:
     """work/sample.gguf, written afresh (a work folder left by a killed run may hold another model's): f16 with
     only the measured rows of each matrix."""
@@ -327,28 +344,29 @@ def measure_types(f16: Path, imatrix: Path, quantize_bin: Path, work: Path, logp
 
 
 def plan_table(f16: Path, imatrix: Path, text: Path, bin_dir: Path, work: Path, logpath: Path,
-               cost: str = "kl") -> dict:
+               cost: str = "kl", sample: Path | None = None) -> dict:
     """{tensor: {candidate: (type, bytes, cost)}}, what a plan chooses from (shared by the plans QUANT=auto
-    tries): cost "kl", calibrate()'s; "weights", measure()'s weight error."""
+    tries): cost "kl", calibrate()'s; "weights", measure()'s weight error (sample: row_sample's)."""
     start = time.perf_counter()
-    table = measure_types(f16, imatrix, bin_dir / "llama-quantize", work, logpath)
+    work.mkdir(parents=True, exist_ok=True)
+    with row_sample(f16, work, sample) as rows:
+        table = measure_types(f16, imatrix, bin_dir / "llama-quantize", work, logpath, rows)
     if cost == "kl":
         table = calibrate(table, measure_groups(f16, imatrix, table, text, bin_dir, work, logpath))
-    (work / "sample.gguf").unlink(missing_ok=True)  # measure_types' row sample; make_plan writes its own
     log(f"plan: costs measured in {time.perf_counter() - start:.0f} s")
     return table
 
 
 def make_plan(f16: Path, imatrix: Path, base: str, table: dict, quantize_bin: Path, work: Path,
-              logpath: Path) -> dict:
-    """The plan for `base`'s size from plan_table()'s table: {"base", "bytes", "budget", "types": {tensor: type}}."""
+              logpath: Path, sample: Path | None = None) -> dict:
+    """The plan for `base`'s size from plan_table()'s table: {"base", "bytes", "budget", "types": {tensor: type}}
+    (sample: row_sample's)."""
     work.mkdir(parents=True, exist_ok=True)
     plain = work / f"plain.{base}.gguf"
-    sample = sample_gguf(f16, work)
-    quantize(quantize_bin, sample, plain, base, imatrix, logpath)
+    with row_sample(f16, work, sample) as rows:
+        quantize(quantize_bin, rows, plain, base, imatrix, logpath)
     plain_bytes = tensor_bytes(plain, f16)
     plain.unlink()
-    sample.unlink()
     budget = sum(plain_bytes[n] for n in table)  # the planned tensors' bytes in the plain type
     types = choose(table, budget)
     planned = sum(next(o[1] for o in table[n].values() if o[0] == t) for n, t in types.items())
@@ -376,8 +394,10 @@ def quantize_with_plan(f16: Path, out: Path, key: str, imatrix: Path, text: Path
     work = out.with_name(out.name + ".plan")
     quantize_bin = bin_dir / "llama-quantize"
     try:
-        table = table or plan_table(f16, imatrix, text, bin_dir, work, logpath, cost)
-        plan = make_plan(f16, imatrix, base, table, quantize_bin, work, logpath)
+        work.mkdir(parents=True, exist_ok=True)
+        sample = sample_gguf(f16, work)  # one row sample for the costs and the plain type's bytes
+        table = table or plan_table(f16, imatrix, text, bin_dir, work, logpath, cost, sample)
+        plan = make_plan(f16, imatrix, base, table, quantize_bin, work, logpath, sample)
         type_file = work / "tensor-types.txt"
         write_type_file(plan, type_file)
         mid = work / "planned.gguf"

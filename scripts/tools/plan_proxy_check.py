@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""Does the importance-weighted squared weight error (lib/quant_plan.py's measure(): the plan's first cost, now
-only its tie-break inside a group) rank tensors as the true KL does? For each group of tensors (one kind in every layer: attn_q, ..., ffn_down, token_embd), the model is
-quantized with that group at --low (q3_k, or its fallback) and everything else at q8_0; its mean KL to the f16
-GGUF on held-out text (llama-perplexity) is set beside the plan's predicted error increase for the group, and
-the rank correlation of the two is printed (1: the same order).
+"""Does the importance-weighted squared weight error (lib/quant_plan.py's measure(): PLAN_COST=weights, and the
+tie-break of the KL plans) rank tensors as the true KL does? For each group of tensors (one kind in every layer:
+attn_q, ..., ffn_down, token_embd), the model is quantized with that group at --low (q3_k, or its fallback) and
+everything else at q8_0; its mean KL to the f16 GGUF on held-out text (the plan's own measure_groups(), here on
+--text) is set beside the predicted error increase for the group, and the rank correlation of the two is printed
+(1: the same order).
 
   scripts/tools/plan_proxy_check.py --f16 out/eval/model.f16.gguf --imatrix out/eval/imatrix/imatrix-....gguf \\
       --text out/eval/held_out.txt
@@ -12,14 +13,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # scripts/, for lib and eval_quality
-from eval_quality import parse_perplexity  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # scripts/, for lib
 from lib.common import ROOT, UserError, log, run_main, run_tool  # noqa: E402
-from lib.quant_plan import CANDIDATES, group_of, measure  # noqa: E402
+from lib.quant_plan import CANDIDATES, group_of, measure, measure_groups  # noqa: E402
 
 
 def ranks(values: list[float]) -> list[float]:
@@ -64,29 +63,15 @@ def main() -> None:
     predicted: dict[str, float] = {}
     for name, opts in table.items():
         predicted[group_of(name)] = predicted.get(group_of(name), 0.0) + opts[args.low][2] - opts["q8_0"][2]
-    common = ["-f", args.text, "--ctx-size", 512, "--batch-size", 512, "--chunks", args.chunks, "--threads", threads,
-              "--kl-divergence-base", args.work / "f16.kld"]
-    run_tool([bin_dir / "llama-perplexity", "-m", args.f16, *common], "llama-perplexity", logpath)
-
-    def kl(model: Path) -> float:
-        return parse_perplexity(run_tool([bin_dir / "llama-perplexity", "-m", model, *common, "--kl-divergence"],
-                                         "llama-perplexity", logpath))["kl"]
-
-    floor = kl(pure["q8_0"])
-    measured = {}
+    kl = measure_groups(args.f16, args.imatrix, table, args.text, bin_dir, args.work, logpath, args.chunks)
+    measured = {group: costs[args.low] for group, costs in kl.items()}
     for group in sorted(predicted):
-        out = args.work / "group.gguf"
-        pattern = rf"(^|\.){re.escape(group)}\.weight$"
-        low_type = {t for n, o in table.items() if group_of(n) == group for t in [o[args.low][0]]}.pop()
-        run_tool([bin_dir / "llama-quantize", "--imatrix", args.imatrix, "--pure", "--tensor-type",
-                  f"{pattern}={low_type}", args.f16, out, "Q8_0", threads], "llama-quantize", logpath)
-        measured[group] = kl(out) - floor
         log(f"{group}: predicted {predicted[group]:.4g}, KL {measured[group]:+.5f}")
     groups = sorted(predicted, key=lambda g: -measured[g])
     print(f"\n| group at {args.low} (rest q8_0) | predicted error increase | KL increase (nats) |\n|---|---|---|")
     for g in groups:
         print(f"| {g} | {predicted[g]:.4g} | {measured[g]:.5f} |")
-    print(f"\nall q8_0: KL {floor:.5f}; Spearman rank correlation, predicted vs measured: "
+    print(f"\nSpearman rank correlation, predicted vs measured: "
           f"{spearman([predicted[g] for g in groups], [measured[g] for g in groups]):.2f} ({len(groups)} groups)")
 
 
